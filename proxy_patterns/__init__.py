@@ -1,0 +1,11 @@
+"""Move large task data by reference in Dask, Parsl and Globus Compute, with object proxies.
+
+The core (this package) knows no framework: :mod:`~proxy_patterns.policy` decides what is
+proxied, :mod:`~proxy_patterns.store` keeps the bytes (zero-copy shared memory by default, or
+any ProxyStore connector). The framework integrations live in :mod:`proxy_patterns.plugins`.
+"""
+
+from proxy_patterns.store import count_keys, get_store, proxy, put
+
+__all__ = ["count_keys", "get_store", "proxy", "put"]
+__version__ = "0.1.0"

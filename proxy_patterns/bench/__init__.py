@@ -1,0 +1,13 @@
+"""Benchmarks: each compares a plain baseline with proxy-patterns in the same run."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {"store": "proxy_patterns.bench.store"}
+
+
+def run_benchmark(name: str, *, quick: bool, plot: str | None, redis: str | None) -> None:
+    """Run benchmark ``name``: it prints its table, and draws it to ``plot`` if given."""
+    module = importlib.import_module(BENCHMARKS[name])
+    module.main(quick=quick, plot=plot, redis=redis)

@@ -1,0 +1,255 @@
+"""A ProxyStore connector that keeps objects in shared memory and resolves them without copying.
+
+ProxyStore has no shared-memory connector; ``FileConnector`` on ``/dev/shm`` comes closest but
+reads every object back with a copy. Here each object is one file in a tmpfs directory (a
+*segment*). Readers map it copy-on-write (``MAP_PRIVATE``), so a resolved array is a view on
+the very pages the writer filled, writable in the reader without touching the store's bytes.
+
+Lifetimes follow from the kernel rather than from bookkeeping:
+
+* evicting unlinks the file; a mapping made before stays valid until the last view on it is
+  garbage collected (the ``mmap`` object is kept alive by the memoryviews that export it);
+* a process removes the segments it created on ``close()`` and at interpreter exit;
+* segment names carry the creator's pid and start time, so the segments of a killed process
+  are recognised as stale and removed by :func:`remove_stale_segments` (run by
+  ``proxy-patterns clean`` and whenever a connector starts).
+
+Writes go to a temporary name and are renamed into place, so a segment is never seen half
+written and a failed put (for example ``/dev/shm`` full) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import mmap
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from proxystore.serialize import BytesLike
+
+from proxy_patterns.serialize import Frames
+
+DEFAULT_DIRECTORY = "/dev/shm"
+SEGMENT_PREFIX = "proxy-patterns-"
+_TMP_SUFFIX = ".tmp"
+
+
+class StoreCapacityError(MemoryError):
+    """The shared-memory directory has no room for an object."""
+
+
+class SharedMemoryKey(NamedTuple):
+    """Key of one segment: its file name inside the connector's directory and its size."""
+
+    name: str
+    nbytes: int
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if no such process.
+
+    Together with the pid it names a process uniquely even after pids are reused.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 22; the command name (field 2) may contain spaces, so count after its ')'.
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+_process_tags: dict[int, str] = {}
+
+
+def _process_tag() -> str:
+    """``pid-starttime`` of this process, the prefix that tells whose a segment is."""
+    pid = os.getpid()  # looked up per put: a forked child must not pass as its parent
+    if pid not in _process_tags:
+        _process_tags[pid] = f"{pid}-{_start_time(pid)}"
+    return _process_tags[pid]
+
+
+class _CreatedSegments:
+    """Paths of the segments this process created, removed at interpreter exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        atexit.register(self.remove_all)
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            self._paths.add(path)
+
+    def discard(self, path: str) -> None:
+        with self._lock:
+            self._paths.discard(path)
+
+    def remove(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            _unlink(path)
+            self.discard(path)
+
+    def remove_all(self) -> None:
+        with self._lock:
+            paths, self._paths = self._paths, set()
+        for path in paths:
+            _unlink(path)
+
+
+_created = _CreatedSegments()
+_swept_directories: set[str] = set()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
+    """Remove segments whose creating process no longer exists; return their names."""
+    removed = []
+    for name in os.listdir(directory):
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid, _, rest = name[len(SEGMENT_PREFIX) :].partition("-")
+        if not pid.isdigit() or _start_time(int(pid)) == rest.partition("-")[0]:
+            continue
+        _unlink(os.path.join(directory, name))
+        removed.append(name)
+    return removed
+
+
+def _free_bytes(directory: str) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+class SharedMemoryConnector:
+    """Connector storing each object in its own segment under ``directory`` (tmpfs).
+
+    Works across the processes of one node with no server. Implements ProxyStore's
+    ``Connector`` protocol, plus :meth:`put_frames` for serializers that keep buffers apart.
+
+    Args:
+        directory: A tmpfs directory shared by every process that resolves the proxies.
+    """
+
+    def __init__(self, directory: str = DEFAULT_DIRECTORY) -> None:
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"shared-memory directory {directory!r} does not exist")
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._created: set[str] = set()
+        if directory not in _swept_directories:
+            _swept_directories.add(directory)
+            remove_stale_segments(directory)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(directory={self.directory!r})"
+
+    def _path(self, key: SharedMemoryKey) -> str:
+        return os.path.join(self.directory, key.name)
+
+    def _write(self, nbytes: int, chunks: Iterable[BytesLike]) -> SharedMemoryKey:
+        free = _free_bytes(self.directory)
+        if nbytes > free:
+            raise StoreCapacityError(
+                f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
+            )
+        name = f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}"
+        final = os.path.join(self.directory, name)
+        tmp = final + _TMP_SUFFIX
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+            offset = 0
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view.nbytes:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+            os.rename(tmp, final)
+        except OSError as e:
+            _unlink(tmp)
+            if e.errno == errno.ENOSPC:
+                free = _free_bytes(self.directory)
+                raise StoreCapacityError(
+                    f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
+                ) from e
+            raise
+        except BaseException:
+            _unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._created.add(final)
+        _created.add(final)
+        return SharedMemoryKey(name, nbytes)
+
+    def put(self, obj: BytesLike) -> SharedMemoryKey:
+        """Store a serialized object in a new segment."""
+        view = memoryview(obj)
+        return self._write(view.nbytes, [view])
+
+    def put_frames(self, frames: Frames) -> SharedMemoryKey:
+        """Store frames from :func:`proxy_patterns.serialize.dumps` without joining them."""
+        return self._write(frames.nbytes, frames.chunks())
+
+    def put_batch(self, objs: Sequence[BytesLike]) -> list[SharedMemoryKey]:
+        """Store several serialized objects."""
+        return [self.put(obj) for obj in objs]
+
+    def get(self, key: SharedMemoryKey) -> memoryview | None:
+        """Map the segment copy-on-write; None if it was evicted or never existed."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return memoryview(bytearray())
+            return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+        finally:
+            os.close(fd)
+
+    def get_batch(self, keys: Sequence[SharedMemoryKey]) -> list[memoryview | None]:
+        """Map several segments."""
+        return [self.get(key) for key in keys]
+
+    def exists(self, key: SharedMemoryKey) -> bool:
+        """Whether the segment is still in the store."""
+        return os.path.exists(self._path(key))
+
+    def evict(self, key: SharedMemoryKey) -> None:
+        """Unlink the segment; existing views on it stay valid until they are dropped."""
+        path = self._path(key)
+        _unlink(path)
+        with self._lock:
+            self._created.discard(path)
+        _created.discard(path)
+
+    def close(self) -> None:
+        """Remove every segment this connector created and that is still in the store."""
+        with self._lock:
+            paths, self._created = self._created, set()
+        _created.remove(paths)
+
+    def config(self) -> dict[str, Any]:
+        """Configuration that re-creates the connector in another process."""
+        return {"directory": self.directory}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SharedMemoryConnector:
+        """Re-create a connector from :meth:`config`."""
+        return cls(**config)

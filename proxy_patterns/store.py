@@ -1,0 +1,127 @@
+"""The store proxies live in, chosen by one spec string; shared memory on this node by default.
+
+A *store spec* names a ProxyStore connector and where it keeps its bytes:
+
+=====================  ========================================================
+``shm``                :class:`~proxy_patterns.shm.SharedMemoryConnector` on ``/dev/shm``
+``shm:///some/tmpfs``  the same on another tmpfs directory
+``file:///some/dir``   ProxyStore ``FileConnector`` (never deletes the directory on close)
+``redis://host:port``  ProxyStore ``RedisConnector`` (multi-node)
+=====================  ========================================================
+
+The default spec comes from the ``PROXY_PATTERNS_STORE`` environment variable, else ``shm``.
+Every spec maps to one registered ProxyStore ``Store`` per process, whose config travels with
+each proxy: a worker that receives a proxy of a store it has never seen re-creates it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlparse
+
+import proxystore.store
+from proxystore.connectors.protocols import Connector
+from proxystore.proxy import Proxy
+from proxystore.store import Store
+from proxystore.store.factory import StoreFactory
+
+from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
+from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
+
+STORE_ENV = "PROXY_PATTERNS_STORE"
+DEFAULT_SPEC = "shm"
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class FramesConnector(Protocol):
+    """A connector that can write an object's frames without joining them first."""
+
+    def put_frames(self, frames: Frames) -> Any:
+        """Store the frames as one payload and return its key."""
+        ...
+
+
+def default_spec() -> str:
+    """The spec used when none is given: ``$PROXY_PATTERNS_STORE`` or ``shm``."""
+    return os.environ.get(STORE_ENV) or DEFAULT_SPEC
+
+
+def connector_from_spec(spec: str) -> Connector[Any]:
+    """Build the connector a store spec names (see the module docstring)."""
+    url = urlparse(spec)
+    if url.scheme == "" and url.path == "shm":
+        return SharedMemoryConnector(DEFAULT_DIRECTORY)
+    if url.scheme == "shm":
+        return SharedMemoryConnector(url.path or DEFAULT_DIRECTORY)
+    if url.scheme == "file" and url.path:
+        from proxystore.connectors.file import FileConnector
+
+        return FileConnector(url.path, clear=False)
+    if url.scheme == "redis" and url.hostname:
+        from proxystore.connectors.redis import RedisConnector
+
+        return RedisConnector(url.hostname, url.port or 6379)
+    raise ValueError(
+        f"unknown store spec {spec!r}: expected 'shm', 'shm:///tmpfs/dir', "
+        "'file:///dir' or 'redis://host:port'"
+    )
+
+
+def get_store(spec: str | None = None) -> Store[Any]:
+    """The process's store for ``spec``, created and registered on first use.
+
+    Resolved objects are not cached by the store (``cache_size=0``): on shared memory a second
+    resolve is another cheap mapping, and a cache would pin memory that eviction should free.
+    """
+    spec = spec or default_spec()
+    name = f"proxy-patterns:{spec}"
+    store = proxystore.store.get_store(name)
+    if store is None:
+        store = Store(
+            name,
+            connector_from_spec(spec),
+            serializer=serialize,
+            deserializer=deserialize,
+            cache_size=0,
+            populate_target=True,
+            register=True,
+        )
+    return store
+
+
+def put(store: Store[Any], obj: Any) -> Any:
+    """Put ``obj`` in ``store`` and return its key, writing its buffers without joining them
+    when the connector can (one copy from the object into the store)."""
+    if isinstance(store.connector, FramesConnector):
+        return store.connector.put_frames(dumps(obj))
+    return store.put(obj)
+
+
+def proxy(store: Store[T], obj: T) -> Proxy[T]:
+    """Put ``obj`` in ``store`` and return a proxy of it that any process can resolve.
+
+    The proxy already knows its target here (``isinstance`` checks do not resolve it); a
+    copy unpickled elsewhere resolves from the store on first use.
+    """
+    factory: StoreFactory[Any, T] = StoreFactory(put(store, obj), store_config=store.config())
+    return Proxy(factory, cache_defaults=True, target=obj)
+
+
+def count_keys(store: Store[Any]) -> int:
+    """Number of objects currently in ``store``'s backend (all processes' objects)."""
+    connector = store.connector
+    if isinstance(connector, SharedMemoryConnector):
+        return sum(
+            name.startswith(SEGMENT_PREFIX) for name in os.listdir(connector.directory)
+        )
+    from proxystore.connectors.file import FileConnector
+
+    if isinstance(connector, FileConnector):
+        return len(os.listdir(connector.store_dir)) if os.path.isdir(connector.store_dir) else 0
+    redis_client = getattr(connector, "_redis_client", None)  # RedisConnector's client
+    if redis_client is not None:
+        return int(redis_client.dbsize())
+    raise TypeError(f"cannot count the keys of a {type(connector).__name__}")

