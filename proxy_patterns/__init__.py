@@ -5,7 +5,8 @@ proxied, :mod:`~proxy_patterns.store` keeps the bytes (zero-copy shared memory b
 any ProxyStore connector). The framework integrations live in :mod:`proxy_patterns.plugins`.
 """
 
+from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.store import count_keys, get_store, proxy, put
 
-__all__ = ["count_keys", "get_store", "proxy", "put"]
+__all__ = ["ProxyPolicy", "count_keys", "get_store", "proxy", "put"]
 __version__ = "0.1.0"

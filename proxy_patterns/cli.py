@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="plain Dask vs Dask through the store, on this node")
-    demo.add_argument("--store", default=None, help="store spec (default: $PROXY_PATTERNS_STORE or shm)")
+    demo.add_argument(
+        "--store", default=None, help="store spec (default: $PROXY_PATTERNS_STORE or shm)"
+    )
     demo.add_argument("--size-mb", type=int, default=50, help="size of each argument and result")
     demo.add_argument("--tasks", type=int, default=8, help="number of tasks")
     demo.set_defaults(run=_demo)
@@ -51,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     bench.add_argument("--plot", metavar="FILE", help="also draw the results to a PNG file")
     bench.add_argument(
-        "--redis", metavar="URL", help="redis://host:port to include (default: start a local "
-        "redis-server if one is installed, else skip Redis)"
+        "--redis",
+        metavar="URL",
+        help="redis://host:port to include (default: start a local "
+        "redis-server if one is installed, else skip Redis)",
     )
     bench.set_defaults(run=_bench)
 

@@ -47,9 +47,7 @@ class Frames:
 
     def __init__(self, frames: list[memoryview]) -> None:
         self.frames = frames
-        header = _COUNT.pack(MAGIC, len(frames)) + b"".join(
-            _LENGTH.pack(f.nbytes) for f in frames
-        )
+        header = _COUNT.pack(MAGIC, len(frames)) + b"".join(_LENGTH.pack(f.nbytes) for f in frames)
         self.header = header + bytes(_padding(len(header)))
         self.nbytes = len(self.header) + sum(f.nbytes + _padding(f.nbytes) for f in frames)
 

@@ -21,6 +21,7 @@ written and a failed put (for example ``/dev/shm`` full) leaves nothing behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import mmap
 import os
@@ -107,10 +108,8 @@ _swept_directories: set[str] = set()
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
@@ -223,7 +222,7 @@ class SharedMemoryConnector:
         finally:
             os.close(fd)
 
-    def get_batch(self, keys: Sequence[SharedMemoryKey]) -> list[memoryview | None]:
+    def get_batch(self, keys: Sequence[SharedMemoryKey]) -> list[BytesLike | None]:
         """Map several segments."""
         return [self.get(key) for key in keys]
 

@@ -17,12 +17,12 @@ each proxy: a worker that receives a proxy of a store it has never seen re-creat
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import urlparse
 
 import proxystore.store
 from proxystore.connectors.protocols import Connector
-from proxystore.proxy import Proxy
+from proxystore.proxy import Proxy, get_factory
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
@@ -100,7 +100,7 @@ def put(store: Store[Any], obj: Any) -> Any:
     return store.put(obj)
 
 
-def proxy(store: Store[T], obj: T) -> Proxy[T]:
+def proxy(store: Store[Any], obj: T) -> Proxy[T]:
     """Put ``obj`` in ``store`` and return a proxy of it that any process can resolve.
 
     The proxy already knows its target here (``isinstance`` checks do not resolve it); a
@@ -110,13 +110,16 @@ def proxy(store: Store[T], obj: T) -> Proxy[T]:
     return Proxy(factory, cache_defaults=True, target=obj)
 
 
+def key_of(p: Proxy[Any]) -> Any:
+    """The store key a proxy resolves from, read without resolving the proxy."""
+    return cast(StoreFactory[Any, Any], get_factory(p)).key
+
+
 def count_keys(store: Store[Any]) -> int:
     """Number of objects currently in ``store``'s backend (all processes' objects)."""
     connector = store.connector
     if isinstance(connector, SharedMemoryConnector):
-        return sum(
-            name.startswith(SEGMENT_PREFIX) for name in os.listdir(connector.directory)
-        )
+        return sum(name.startswith(SEGMENT_PREFIX) for name in os.listdir(connector.directory))
     from proxystore.connectors.file import FileConnector
 
     if isinstance(connector, FileConnector):

