@@ -1,0 +1,59 @@
+"""The ``proxy-patterns`` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy_patterns", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_demo_moves_nothing_through_the_scheduler_and_leaves_no_keys() -> None:
+    output = _run("demo", "--size-mb", "8", "--tasks", "3")
+    rows = {row[0]: row for row in _table_rows(output)}
+    plain, proxied = rows["plain Dask"], rows["Dask + proxy-patterns store"]
+    # 3 arguments of 8 MB and one fetched result pass through the scheduler without proxies.
+    assert float(plain[2]) > 30
+    assert float(proxied[2]) < 0.5
+    assert plain[3] == proxied[3] == "0"
+    assert "speed-up:" in output
+
+
+def test_bench_store_prints_every_backend_and_plots(tmp_path: Path) -> None:
+    plot = tmp_path / "store.png"
+    output = _run("bench", "store", "--quick", "--plot", str(plot))
+    backends = {row[1] for row in _table_rows(output)}
+    assert backends == {"shm", "file", "redis", "pickle"}
+    assert "goal: resolve 100 MB" in output and "goal: put 100 MB" in output
+    assert plot.stat().st_size > 10_000
+
+
+def test_unknown_benchmark_is_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy_patterns", "bench", "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("entry", [["proxy-patterns"], [sys.executable, "-m", "proxy_patterns"]])
+def test_help_lists_the_commands(entry: list[str]) -> None:
+    output = subprocess.run([*entry, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "bench", "clean"):
+        assert command in output

@@ -1,0 +1,44 @@
+"""``plugins/`` installs as ``proxy_patterns.plugins`` in regular and editable installs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGINS = ("dask", "parsl", "globus_compute")
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None:
+    venv = tmp_path / "venv"  # uses the outer pip and setuptools, builds with no download
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
+    python = venv / "bin" / "python"
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], check=True)
+    code = (
+        "import importlib, proxy_patterns, py_compile\n"
+        f"for name in {PLUGINS!r}:\n"
+        "    print(importlib.import_module('proxy_patterns.plugins.' + name).__file__)\n"
+        "print(proxy_patterns.__file__)\n"
+    )
+    # Run outside the repository, so the import cannot come from the working directory.
+    out = subprocess.run(
+        [str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if editable:
+        assert out[:3] == [str(REPO / "plugins" / f"{n}.py") for n in PLUGINS]
+    else:
+        site = str(venv / "lib")
+        assert all(path.startswith(site) for path in out), out
+        assert all(
+            path.endswith(f"proxy_patterns/plugins/{n}.py")
+            for path, n in zip(out[:3], PLUGINS, strict=True)
+        )
+        assert (Path(out[3]).parent / "py.typed").exists()
