@@ -23,7 +23,14 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], check=True)
     code = (
-        "import importlib, proxy_patterns, py_compile\n"
+        "import importlib, sys, proxystore.store\n"
+        # An editable install's finder comes after sys.path, so a regular install of the
+        # package in the outer environment would shadow it: hide the outer site-packages
+        # once the dependencies (which stay importable) are loaded.
+        f"if {editable}:\n"
+        "    sys.path[:] = [p for p in sys.path\n"
+        "                   if p.startswith(sys.prefix) or not p.endswith('site-packages')]\n"
+        "import proxy_patterns\n"
         f"for name in {PLUGINS!r}:\n"
         "    print(importlib.import_module('proxy_patterns.plugins.' + name).__file__)\n"
         "print(proxy_patterns.__file__)\n"
