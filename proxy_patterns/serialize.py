@@ -81,9 +81,9 @@ def dumps(obj: Any) -> Frames:
     return Frames(frames)
 
 
-def serialize(obj: Any) -> bytes:
-    """ProxyStore-compatible serializer: the frame layout as one contiguous buffer."""
-    return bytes(dumps(obj).join())
+def serialize(obj: Any) -> BytesLike:
+    """ProxyStore-compatible serializer: the frame layout as one contiguous buffer (one copy)."""
+    return memoryview(dumps(obj).join())
 
 
 def deserialize(data: BytesLike) -> Any:

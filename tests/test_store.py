@@ -20,7 +20,12 @@ from proxystore.proxy import Proxy, extract
 from proxystore.store import Store
 
 from proxy_patterns import shm
-from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, StoreCapacityError
+from proxy_patterns.shm import (
+    SEGMENT_PREFIX,
+    SharedMemoryConnector,
+    SharedMemoryKey,
+    StoreCapacityError,
+)
 from proxy_patterns.store import connector_from_spec, count_keys, get_store, key_of, proxy, put
 
 from .conftest import assert_empty_and_close
@@ -128,12 +133,8 @@ def test_close_removes_everything_the_store_created(shm_dir: str) -> None:
     for _ in range(3):
         put(store, np.ones(1000))
     assert len(_segments(shm_dir)) == 3
-    assert_empty_and_close_after_close(store, shm_dir)
-
-
-def assert_empty_and_close_after_close(store: Store[Any], directory: str) -> None:
     store.close()
-    assert _segments(directory) == []
+    assert _segments(shm_dir) == []
     assert_empty_and_close(store)
 
 
@@ -143,12 +144,17 @@ def _put_and_report(directory: str, conn: Any) -> None:
     conn.recv()  # wait until told to exit, normally or by a kill
 
 
-def test_segments_removed_at_interpreter_exit(shm_dir: str) -> None:
+def _start_producer(directory: str) -> tuple[Any, Any, SharedMemoryKey]:
+    """A process that has put one object in the store and waits; (process, pipe, key)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_put_and_report, args=(shm_dir, child))
+    proc = ctx.Process(target=_put_and_report, args=(directory, child))
     proc.start()
-    key = parent.recv()
+    return proc, parent, parent.recv()
+
+
+def test_segments_removed_at_interpreter_exit(shm_dir: str) -> None:
+    proc, parent, key = _start_producer(shm_dir)
     assert _segments(shm_dir) == [key.name]
     parent.send("exit")
     proc.join(30)
@@ -157,11 +163,7 @@ def test_segments_removed_at_interpreter_exit(shm_dir: str) -> None:
 
 
 def test_stale_segments_of_a_killed_process_are_cleaned(shm_dir: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_put_and_report, args=(shm_dir, child))
-    proc.start()
-    key = parent.recv()
+    proc, _, key = _start_producer(shm_dir)
     assert shm.remove_stale_segments(shm_dir) == []  # its creator is alive: not stale
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(30)
