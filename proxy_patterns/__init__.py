@@ -6,7 +6,17 @@ any ProxyStore connector). The framework integrations live in :mod:`proxy_patter
 """
 
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.store import count_keys, get_store, proxy, put
+from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
+from proxy_patterns.store import count_keys, get_store, put
 
-__all__ = ["ProxyPolicy", "count_keys", "get_store", "proxy", "put"]
+__all__ = [
+    "OpaqueProxy",
+    "ProxyPolicy",
+    "count_keys",
+    "get_store",
+    "is_proxy",
+    "key_of",
+    "proxy",
+    "put",
+]
 __version__ = "0.1.0"

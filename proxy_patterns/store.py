@@ -17,22 +17,18 @@ each proxy: a worker that receives a proxy of a store it has never seen re-creat
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import proxystore.store
 from proxystore.connectors.protocols import Connector
-from proxystore.proxy import Proxy, get_factory
 from proxystore.store import Store
-from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
 
 STORE_ENV = "PROXY_PATTERNS_STORE"
 DEFAULT_SPEC = "shm"
-
-T = TypeVar("T")
 
 
 @runtime_checkable
@@ -98,21 +94,6 @@ def put(store: Store[Any], obj: Any) -> Any:
     if isinstance(store.connector, FramesConnector):
         return store.connector.put_frames(dumps(obj))
     return store.put(obj)
-
-
-def proxy(store: Store[Any], obj: T) -> Proxy[T]:
-    """Put ``obj`` in ``store`` and return a proxy of it that any process can resolve.
-
-    The proxy already knows its target here (``isinstance`` checks do not resolve it); a
-    copy unpickled elsewhere resolves from the store on first use.
-    """
-    factory: StoreFactory[Any, T] = StoreFactory(put(store, obj), store_config=store.config())
-    return Proxy(factory, cache_defaults=True, target=obj)
-
-
-def key_of(p: Proxy[Any]) -> Any:
-    """The store key a proxy resolves from, read without resolving the proxy."""
-    return cast(StoreFactory[Any, Any], get_factory(p)).key
 
 
 def count_keys(store: Store[Any]) -> int:

@@ -20,13 +20,14 @@ from proxystore.proxy import Proxy, extract
 from proxystore.store import Store
 
 from proxy_patterns import shm
+from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import (
     SEGMENT_PREFIX,
     SharedMemoryConnector,
     SharedMemoryKey,
     StoreCapacityError,
 )
-from proxy_patterns.store import connector_from_spec, count_keys, get_store, key_of, proxy, put
+from proxy_patterns.store import connector_from_spec, count_keys, get_store, put
 
 from .conftest import assert_empty_and_close
 

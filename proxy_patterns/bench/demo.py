@@ -18,7 +18,8 @@ import numpy as np
 from proxystore.proxy import Proxy
 
 from proxy_patterns.bench.report import print_table
-from proxy_patterns.store import count_keys, get_store, key_of, proxy
+from proxy_patterns.proxy import key_of, proxy
+from proxy_patterns.store import count_keys, get_store
 
 
 def transform(x: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ from proxystore.proxy import extract
 from proxystore.store import Store
 
 from proxy_patterns.bench.report import print_table
-from proxy_patterns.store import get_store, key_of, proxy
+from proxy_patterns.proxy import key_of, proxy
+from proxy_patterns.store import get_store
 
 SIZES = [10**3, 10**6, 10**7, 10**8, 5 * 10**8]
 QUICK_SIZES = [10**3, 10**6, 10**8]

@@ -1,0 +1,90 @@
+"""The proxy every plugin hands to a framework: transparent to user code, opaque to inspection.
+
+A ProxyStore ``Proxy`` resolves on *any* attribute lookup, and frameworks inspect task
+arguments: Dask asks for ``__dask_graph__``/``__dask_tokenize__``, and ``isinstance(p,
+collections.abc.Iterator)`` is True for every ProxyStore proxy, so ``dask.array`` turns a
+proxied chunk into ``list(p)``. :class:`OpaqueProxy` fixes each of these once, for every plugin:
+
+* ``isinstance`` answers from the class cached when the proxy was made, without resolving;
+* it is never an ``Iterator`` (it has no ``__next__``), so it is not consumed by mistake;
+* framework protocol attributes (``__dask_*__``) are absent rather than resolved;
+* it stays an ``OpaqueProxy`` when pickled.
+
+User code that touches the value resolves it as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from proxystore.proxy import Proxy, get_factory
+from proxystore.store import Store
+from proxystore.store.factory import StoreFactory
+
+from proxy_patterns.store import put
+
+T = TypeVar("T")
+
+# Attribute prefixes of framework protocols a proxy never implements.
+_FRAMEWORK_PROTOCOLS = ("__dask_",)
+
+
+def _rebuild(factory: Callable[[], T], default_class: Any, default_hash: Any) -> OpaqueProxy[T]:
+    p: OpaqueProxy[T] = OpaqueProxy(factory)
+    object.__setattr__(p, "__proxy_default_class__", default_class)
+    object.__setattr__(p, "__proxy_default_hash__", default_hash)
+    return p
+
+
+class OpaqueProxy(Proxy[T]):
+    """A ProxyStore proxy that framework inspection cannot resolve (see the module docstring)."""
+
+    __slots__ = ()
+
+    # Blocks collections.abc.Iterator's structural check; iteration (__iter__) still works.
+    __next__ = None  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(_FRAMEWORK_PROTOCOLS):
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+    def __reduce__(self) -> Any:
+        return _rebuild, (
+            object.__getattribute__(self, "__proxy_factory__"),
+            object.__getattribute__(self, "__proxy_default_class__"),
+            object.__getattribute__(self, "__proxy_default_hash__"),
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+
+def is_proxy(obj: object) -> bool:
+    """Whether ``obj`` is a proxy, decided from its real type so that it is never resolved."""
+    return issubclass(type(obj), Proxy)
+
+
+def proxy(store: Store[Any], obj: T, *, keep_target: bool = True) -> OpaqueProxy[T]:
+    """Put ``obj`` in ``store`` and return an :class:`OpaqueProxy` of it.
+
+    The proxy knows its target's class either way. With ``keep_target`` it also holds the
+    object itself (no resolve needed in this process); without, the object can be freed and
+    the proxy resolves from the store like a copy received by another process.
+    """
+    factory: StoreFactory[Any, T] = StoreFactory(put(store, obj), store_config=store.config())
+    p: OpaqueProxy[T] = OpaqueProxy(factory, cache_defaults=True, target=obj)
+    if not keep_target:
+        del p.__proxy_wrapped__
+    return p
+
+
+def key_of(p: Proxy[Any]) -> Any:
+    """The store key a proxy resolves from, read without resolving the proxy."""
+    return cast(StoreFactory[Any, Any], get_factory(p)).key
+
+
+def store_of(p: Proxy[Any]) -> Store[Any]:
+    """The store a proxy resolves from (re-created in this process if needed)."""
+    return cast(StoreFactory[Any, Any], get_factory(p)).get_store()

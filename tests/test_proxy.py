@@ -1,0 +1,59 @@
+"""OpaqueProxy: transparent to user code, never resolved by framework inspection."""
+
+from __future__ import annotations
+
+import collections.abc
+import pickle
+from typing import Any
+
+import numpy as np
+from proxystore.store import Store
+
+from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
+
+
+class _CountingFactory:
+    """A factory that records how often it is asked for its value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value, self.calls = value, 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        return self.value
+
+
+def _unresolved(value: Any) -> tuple[OpaqueProxy[Any], _CountingFactory]:
+    factory = _CountingFactory(value)
+    p: OpaqueProxy[Any] = OpaqueProxy(factory, cache_defaults=True, target=value)
+    del p.__proxy_wrapped__
+    return p, factory
+
+
+def test_inspection_does_not_resolve() -> None:
+    p, factory = _unresolved(np.arange(10))
+    assert isinstance(p, np.ndarray)
+    assert not isinstance(p, collections.abc.Iterator)
+    assert isinstance(p, collections.abc.Iterable)
+    assert not hasattr(p, "__dask_graph__") and not hasattr(p, "__dask_tokenize__")
+    assert is_proxy(p) and not is_proxy(np.arange(3))
+    assert factory.calls == 0
+    assert p.sum() == 45 and list(p)[:2] == [0, 1]  # user code resolves it
+    assert factory.calls == 1
+
+
+def test_pickling_keeps_the_type_and_the_cached_class(shm_store: Store[Any]) -> None:
+    p = proxy(shm_store, np.arange(1000))
+    copy = pickle.loads(pickle.dumps(p))
+    assert type(copy) is OpaqueProxy
+    assert not copy.__proxy_resolved__ and isinstance(copy, np.ndarray)
+    assert not copy.__proxy_resolved__
+    assert copy[999] == 999
+    shm_store.evict(key_of(p))
+
+
+def test_without_target_the_object_is_not_held(shm_store: Store[Any]) -> None:
+    p = proxy(shm_store, np.ones(100), keep_target=False)
+    assert not p.__proxy_resolved__ and isinstance(p, np.ndarray)
+    assert float(p.sum()) == 100.0
+    shm_store.evict(key_of(p))
