@@ -75,6 +75,10 @@ def proxy(store: Store[Any], obj: T, *, keep_target: bool = True) -> OpaqueProxy
     """
     factory: StoreFactory[Any, T] = StoreFactory(put(store, obj), store_config=store.config())
     p: OpaqueProxy[T] = OpaqueProxy(factory, cache_defaults=True, target=obj)
+    unhashable = object.__getattribute__(p, "__proxy_default_hash__")
+    if isinstance(unhashable, BaseException):
+        # Cached to be re-raised by hash(p); its traceback would pin the caller's frames.
+        unhashable.__traceback__ = None
     if not keep_target:
         del p.__proxy_wrapped__
     return p
