@@ -259,7 +259,9 @@ class DaskProxyPlugin:
                 return  # already evicted, or a newer graph carries it
             self._forget(key)
         self.store.evict(key)
-        await self.client.scheduler.log_event(topic=EVICTED_TOPIC, msg={"data": pickle.dumps(key)})
+        scheduler = self.client.scheduler
+        if scheduler is not None:  # None once the client has closed
+            await scheduler.log_event(topic=EVICTED_TOPIC, msg={"data": pickle.dumps(key)})
 
     async def _gather_resolved(self, futures: Any, *args: Any, **kwargs: Any) -> Any:
         result = await self._gather(futures, *args, **kwargs)

@@ -23,7 +23,7 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], check=True)
     code = (
-        "import importlib, sys, proxystore.store\n"
+        "import importlib.util, sys, proxystore.store\n"
         # An editable install's finder comes after sys.path, so a regular install of the
         # package in the outer environment would shadow it: hide the outer site-packages
         # once the dependencies (which stay importable) are loaded.
@@ -32,7 +32,7 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
         "                   if p.startswith(sys.prefix) or not p.endswith('site-packages')]\n"
         "import proxy_patterns\n"
         f"for name in {PLUGINS!r}:\n"
-        "    print(importlib.import_module('proxy_patterns.plugins.' + name).__file__)\n"
+        "    print(importlib.util.find_spec('proxy_patterns.plugins.' + name).origin)\n"
         "print(proxy_patterns.__file__)\n"
     )
     # Run outside the repository, so the import cannot come from the working directory.
