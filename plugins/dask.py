@@ -178,7 +178,9 @@ class DaskProxyPlugin:
     def _submit_graph(self, expr: Any, keys: Any, *args: Any, **kwargs: Any) -> Any:
         buffers: list[Any] = []
         try:
-            stream = dask_pickle.dumps(expr, buffer_callback=buffers.append)
+            stream = dask_pickle.dumps(
+                expr, buffer_callback=lambda b: buffers.append(memoryview(b))
+            )
         except Exception as e:
             raise TypeError(f"could not serialize the task graph: {e}") from e
         nbytes = len(stream) + sum(memoryview(b).nbytes for b in buffers)
@@ -212,9 +214,12 @@ class DaskProxyPlugin:
         buffers: list[Any] = []
         stream = io.BytesIO()
         try:
-            _ProxyingPickler(stream, self.policy, make_proxy, buffer_callback=buffers.append).dump(
-                expr
-            )
+            _ProxyingPickler(
+                stream,
+                self.policy,
+                make_proxy,
+                buffer_callback=lambda b: buffers.append(memoryview(b)),
+            ).dump(expr)
         except Exception as e:
             with self._lock:
                 for key in created:
