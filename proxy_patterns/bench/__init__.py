@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"store": "proxy_patterns.bench.store"}
+BENCHMARKS = {
+    "store": "proxy_patterns.bench.store",
+    "dask": "proxy_patterns.bench.dask_plugin",
+}
 
 
 def run_benchmark(name: str, *, quick: bool, plot: str | None, redis: str | None) -> None:
