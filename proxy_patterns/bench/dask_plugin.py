@@ -8,8 +8,9 @@ plugin on shared memory, the plugin on Redis when a redis-server is available):
 * ``c`` — a dask.array of 2 GB in 100 MB chunks, persisted, then summed;
 * ``d`` — 2000 tiny tasks, one ``submit`` each, gathered.
 
-Each workload runs ``repeats`` times per mode (median reported). After each run the store must
-drain to zero keys; the table shows the keys left.
+Each workload runs once untimed (on a fresh machine the first touch of memory is several times
+slower, for every mode alike), then ``repeats`` times per mode (median reported). After each
+run the store must drain to zero keys; the table shows the keys left.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def measure_mode(
             register(client, store=store_spec)
             store = get_store(store_spec)
         for workload in WORKLOADS:
+            workload.run(client, inputs[workload.name])  # warm-up: first touch of VM memory
+            if store is not None:
+                _wait_empty(store)
             times, left = [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
