@@ -50,6 +50,27 @@ class OpaqueProxy(Proxy[T]):
             raise AttributeError(name)
         return super().__getattr__(name)
 
+    @property
+    def __proxy_wrapped__(self) -> T:
+        # Unlike ProxyStore's Proxy, let the factory's exception through as it is (not as a
+        # ProxyResolveError, which does not unpickle cleanly): a task that reads a failed
+        # future raises the producer's own exception, and a missing key says which key.
+        try:
+            return cast(T, object.__getattribute__(self, "__proxy_target__"))
+        except AttributeError:
+            pass
+        target = object.__getattribute__(self, "__proxy_factory__")()
+        object.__setattr__(self, "__proxy_target__", target)
+        return cast(T, target)
+
+    @__proxy_wrapped__.setter
+    def __proxy_wrapped__(self, target: T) -> None:
+        object.__setattr__(self, "__proxy_target__", target)
+
+    @__proxy_wrapped__.deleter
+    def __proxy_wrapped__(self) -> None:
+        object.__delattr__(self, "__proxy_target__")
+
     def __reduce__(self) -> Any:
         return _rebuild, (
             object.__getattribute__(self, "__proxy_factory__"),

@@ -43,6 +43,10 @@ class StoreCapacityError(MemoryError):
     """The shared-memory directory has no room for an object."""
 
 
+class KeyExistsError(KeyError):
+    """A write-once key was written twice."""
+
+
 class SharedMemoryKey(NamedTuple):
     """Key of one segment: its file name inside the connector's directory and its size."""
 
@@ -135,7 +139,8 @@ class SharedMemoryConnector:
     """Connector storing each object in its own segment under ``directory`` (tmpfs).
 
     Works across the processes of one node with no server. Implements ProxyStore's
-    ``Connector`` protocol, plus :meth:`put_frames` for serializers that keep buffers apart.
+    ``Connector`` and ``DeferrableConnector`` protocols (keys are write-once), plus
+    :meth:`put_frames` and :meth:`set_frames` for serializers that keep buffers apart.
 
     Args:
         directory: A tmpfs directory shared by every process that resolves the proxies.
@@ -154,18 +159,19 @@ class SharedMemoryConnector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(directory={self.directory!r})"
 
-    def _path(self, key: SharedMemoryKey) -> str:
-        return os.path.join(self.directory, key.name)
+    def _write(self, name: str, nbytes: int, chunks: Iterable[BytesLike]) -> SharedMemoryKey:
+        """Write a segment under a temporary name, then publish it as ``name`` atomically.
 
-    def _write(self, nbytes: int, chunks: Iterable[BytesLike]) -> SharedMemoryKey:
+        Publishing links rather than renames, so it fails if ``name`` exists: every key is
+        written at most once, even by racing processes.
+        """
         free = _free_bytes(self.directory)
         if nbytes > free:
             raise StoreCapacityError(
                 f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
             )
-        name = f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}"
         final = os.path.join(self.directory, name)
-        tmp = final + _TMP_SUFFIX
+        tmp = f"{final}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             if nbytes:
@@ -176,33 +182,49 @@ class SharedMemoryConnector:
                 while view.nbytes:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
-            os.rename(tmp, final)
+            os.link(tmp, final)
+        except FileExistsError:
+            raise KeyExistsError(f"key {name!r} is already set in {self.directory}") from None
         except OSError as e:
-            _unlink(tmp)
             if e.errno == errno.ENOSPC:
                 free = _free_bytes(self.directory)
                 raise StoreCapacityError(
                     f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
                 ) from e
             raise
-        except BaseException:
-            _unlink(tmp)
-            raise
         finally:
             os.close(fd)
+            _unlink(tmp)
         with self._lock:
             self._created.add(final)
         _created.add(final)
         return SharedMemoryKey(name, nbytes)
 
+    def new_key(self, obj: BytesLike | None = None) -> SharedMemoryKey:
+        """A fresh key whose object is written later by :meth:`set` (in any process)."""
+        return SharedMemoryKey(f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}", 0)
+
+    def set(self, key: SharedMemoryKey, obj: BytesLike) -> None:
+        """Write the object of a key from :meth:`new_key`; raises KeyExistsError if set."""
+        view = memoryview(obj)
+        self._write(key.name, view.nbytes, [view])
+
+    def set_frames(self, key: SharedMemoryKey, frames: Frames) -> None:
+        """:meth:`set` for frames from :func:`proxy_patterns.serialize.dumps`."""
+        self._write(key.name, frames.nbytes, frames.chunks())
+
+    def path(self, key: SharedMemoryKey) -> str:
+        """The segment's file."""
+        return os.path.join(self.directory, key.name)
+
     def put(self, obj: BytesLike) -> SharedMemoryKey:
         """Store a serialized object in a new segment."""
         view = memoryview(obj)
-        return self._write(view.nbytes, [view])
+        return self._write(self.new_key().name, view.nbytes, [view])
 
     def put_frames(self, frames: Frames) -> SharedMemoryKey:
         """Store frames from :func:`proxy_patterns.serialize.dumps` without joining them."""
-        return self._write(frames.nbytes, frames.chunks())
+        return self._write(self.new_key().name, frames.nbytes, frames.chunks())
 
     def put_batch(self, objs: Sequence[BytesLike]) -> list[SharedMemoryKey]:
         """Store several serialized objects."""
@@ -211,7 +233,7 @@ class SharedMemoryConnector:
     def get(self, key: SharedMemoryKey) -> memoryview | None:
         """Map the segment copy-on-write; None if it was evicted or never existed."""
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            fd = os.open(self.path(key), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -228,11 +250,11 @@ class SharedMemoryConnector:
 
     def exists(self, key: SharedMemoryKey) -> bool:
         """Whether the segment is still in the store."""
-        return os.path.exists(self._path(key))
+        return os.path.exists(self.path(key))
 
     def evict(self, key: SharedMemoryKey) -> None:
         """Unlink the segment; existing views on it stay valid until they are dropped."""
-        path = self._path(key)
+        path = self.path(key)
         _unlink(path)
         with self._lock:
             self._created.discard(path)

@@ -1,0 +1,172 @@
+"""Futures as proxies: hand a task a value that does not exist yet (task pipelining).
+
+A :class:`ProxyFuture` names a store key before its value exists. Its :meth:`~ProxyFuture.proxy`
+can be passed to any task right away; the task starts and blocks only where it touches the
+value. Whoever holds the future (it pickles, so a task can receive it) sets the value once,
+with :meth:`~ProxyFuture.set_result`, or an error with :meth:`~ProxyFuture.set_exception`;
+consumers then get the value zero-copy, or the original exception.
+
+The API follows :class:`concurrent.futures.Future`. Waiting is event-driven (see
+:mod:`proxy_patterns.rendezvous`), and a consumer whose producer died gets
+:class:`~proxy_patterns.rendezvous.ProducerLostError` rather than waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, InvalidStateError
+from typing import Any, Generic, TypeVar
+
+import proxystore.store
+from proxystore.store import Store
+from proxystore.store.config import StoreConfig
+
+from proxy_patterns.proxy import OpaqueProxy
+from proxy_patterns.rendezvous import ProducerLostError, Rendezvous, rendezvous_for
+from proxy_patterns.serialize import deserialize, dumps
+from proxy_patterns.store import get_store
+
+T = TypeVar("T")
+
+
+class _Raised:
+    """What a future holds when it was given an exception (or cancelled) instead of a value."""
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+
+class FutureFactory(Generic[T]):
+    """Resolves a future's proxy: waits for the value, then reads it from the store."""
+
+    def __init__(self, key: Any, store_config: StoreConfig, timeout: float | None) -> None:
+        self.key = key
+        self.store_config = store_config
+        self.timeout = timeout
+
+    def __call__(self) -> T:
+        return self.result(self.timeout)
+
+    def store(self) -> Store[Any]:
+        """The store, re-created in this process if needed."""
+        return proxystore.store.get_or_create_store(self.store_config, register=True)
+
+    def outcome(self, timeout: float | None) -> Any:
+        """The value or :class:`_Raised` once set; TimeoutError after ``timeout`` seconds."""
+        store = self.store()
+        if not rendezvous_for(store).wait(self.key, timeout):
+            raise TimeoutError(f"future {self.key} was not set within {timeout} s")
+        data = store.connector.get(self.key)
+        if data is None:
+            raise LookupError(f"future {self.key} was set but has been evicted from the store")
+        return deserialize(data)
+
+    def result(self, timeout: float | None) -> T:
+        """The value, or raise the exception the future was given."""
+        outcome = self.outcome(timeout)
+        if isinstance(outcome, _Raised):
+            raise outcome.exception
+        return outcome  # type: ignore[no-any-return]
+
+
+class ProxyFuture(Generic[T]):
+    """A value that will be in ``store``; its proxy can be used before it exists.
+
+    Args:
+        store: Where the value will live (default: :func:`proxy_patterns.store.get_store`).
+            Shared memory and Redis stores are supported.
+        timeout: Seconds a consumer resolving the proxy waits before ``TimeoutError``;
+            ``None`` waits for ever, like :mod:`concurrent.futures`.
+    """
+
+    def __init__(self, store: Store[Any] | None = None, *, timeout: float | None = None) -> None:
+        store = store or get_store()
+        rendezvous = rendezvous_for(store)
+        self._factory: FutureFactory[T] = FutureFactory(
+            rendezvous.new_key(), store.config(), timeout
+        )
+        self._rendezvous: Rendezvous = rendezvous
+        self._rendezvous.claim(self.key)
+
+    @property
+    def key(self) -> Any:
+        """The store key the value will have."""
+        return self._factory.key
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<ProxyFuture {self.key} {state}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"factory": self._factory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Received by another process: that process is now the one expected to set the value.
+        self._factory = state["factory"]
+        self._rendezvous = rendezvous_for(self._factory.store())
+        if not self.done():
+            self._rendezvous.claim(self.key)
+
+    def proxy(self) -> OpaqueProxy[T]:
+        """A proxy of the value: resolving it waits for the value (or raises its exception).
+
+        Until resolved it claims to be a plain ``object``, so that no framework inspection
+        (``isinstance`` checks, hashing, tokenizing) waits for the value.
+        """
+        p: OpaqueProxy[T] = OpaqueProxy(self._factory)
+        object.__setattr__(p, "__proxy_default_class__", object)
+        object.__setattr__(p, "__proxy_default_hash__", hash(("proxy-future", self.key)))
+        return p
+
+    def _set(self, outcome: Any) -> None:
+        if not self._rendezvous.set_once(self.key, dumps(outcome)):
+            raise InvalidStateError(f"future {self.key} is already set")
+
+    def set_result(self, result: T) -> None:
+        """Set the value; a future is set once (InvalidStateError on a second set)."""
+        self._set(result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        """Make every consumer raise ``exception`` (its own type and message)."""
+        self._set(_Raised(exception))
+
+    def cancel(self) -> bool:
+        """Cancel unless already set: consumers then raise CancelledError. True if cancelled."""
+        try:
+            self._set(_Raised(CancelledError(f"future {self.key} was cancelled")))
+        except InvalidStateError:
+            return False
+        return True
+
+    def done(self) -> bool:
+        """Whether a value, an exception or a cancellation has been set."""
+        return self._rendezvous.exists(self.key)
+
+    def cancelled(self) -> bool:
+        """Whether the future was cancelled."""
+        return self.done() and isinstance(self.exception(0), CancelledError)
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for the value and return it (or raise the exception it was given)."""
+        return self._factory.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait, then return the exception the future was given, or None."""
+        outcome = self._factory.outcome(timeout)
+        return outcome.exception if isinstance(outcome, _Raised) else None
+
+    def add_done_callback(self, fn: Callable[[ProxyFuture[T]], object]) -> None:
+        """Call ``fn(self)`` once the future is done, from a background thread."""
+
+        def wait_then_call() -> None:
+            with contextlib.suppress(ProducerLostError):  # fn sees the error via result()
+                self._rendezvous.wait(self.key, None)
+            fn(self)
+
+        threading.Thread(target=wait_then_call, name=f"callback {self.key}", daemon=True).start()
+
+    def evict(self) -> None:
+        """Remove the value and the claim from the store."""
+        self._rendezvous.forget(self.key)

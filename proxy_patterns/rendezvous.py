@@ -1,0 +1,293 @@
+"""Write-once keys and event-driven waits on them: what proxy futures need from a store.
+
+ProxyStore's ``Store.future()`` polls the store (once a second by default), so a consumer
+learns of a value up to a second late. Here a waiter sleeps until the store says the key was
+written: on shared memory through ``inotify`` on the segment directory (the kernel wakes it
+when the segment is linked into place), on Redis through pub/sub.
+
+A waiter must not wait forever for a producer that died. The process that will set a key
+*claims* it; a waiter that finds the claimant gone (its pid and start time no longer match on
+shared memory, its lease expired on Redis) for longer than a grace period raises
+:class:`ProducerLostError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import threading
+import time
+from typing import Any, ClassVar, Protocol
+
+from proxystore.store import Store
+
+from proxy_patterns.serialize import Frames
+from proxy_patterns.shm import (
+    KeyExistsError,
+    SharedMemoryConnector,
+    SharedMemoryKey,
+    _process_tag,
+    _start_time,
+)
+
+LIVENESS_INTERVAL = 0.5
+"""Seconds between checks that a key's claimant is still alive."""
+GRACE = 2.0
+"""Seconds a claimant may be gone before waiters give up (a framework may retry the task)."""
+LEASE = 5.0
+"""Seconds a Redis claim lives unless renewed (renewed every third of it)."""
+
+
+class ProducerLostError(RuntimeError):
+    """The process that was to set a future's value died before setting it."""
+
+
+class Rendezvous(Protocol):
+    """Write-once keys a waiter can block on, with claims on who will write them."""
+
+    def new_key(self) -> Any:
+        """A fresh key, not yet written."""
+        ...
+
+    def set_once(self, key: Any, frames: Frames) -> bool:
+        """Write ``key``; False (and nothing written) if it was already written."""
+        ...
+
+    def exists(self, key: Any) -> bool:
+        """Whether ``key`` has been written."""
+        ...
+
+    def wait(self, key: Any, timeout: float | None) -> bool:
+        """Block until ``key`` is written (True) or ``timeout`` passes (False)."""
+        ...
+
+    def claim(self, key: Any) -> None:
+        """Record that this process will write ``key``."""
+        ...
+
+    def forget(self, key: Any) -> None:
+        """Remove ``key``'s value and claim."""
+        ...
+
+
+def rendezvous_for(store: Store[Any]) -> Rendezvous:
+    """The rendezvous of ``store``'s connector (shared memory or Redis)."""
+    connector = store.connector
+    if isinstance(connector, SharedMemoryConnector):
+        return SharedMemoryRendezvous(connector)
+    if type(connector).__name__ == "RedisConnector":
+        return RedisRendezvous(connector)
+    raise TypeError(
+        f"proxy futures need a shared-memory or Redis store, not {type(connector).__name__}"
+    )
+
+
+class _Lost:
+    """Tracks how long a claimant has been seen dead, to apply the grace period."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def check(self, dead: bool, key: Any) -> None:
+        if not dead:
+            self.since = None
+        elif self.since is None:
+            self.since = time.monotonic()
+        elif time.monotonic() - self.since > GRACE:
+            raise ProducerLostError(
+                f"the process that was to set future {key} died before setting it"
+            )
+
+
+def _wait_loop(
+    key: Any,
+    timeout: float | None,
+    exists: Any,
+    claimant_dead: Any,
+    sleep: Any,
+) -> bool:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    lost = _Lost()
+    while not exists():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        lost.check(claimant_dead(), key)
+        sleep(LIVENESS_INTERVAL if remaining is None else min(remaining, LIVENESS_INTERVAL))
+    return True
+
+
+class _DirectoryWatcher:
+    """One inotify watch per directory and process; wakes every waiter on any new file."""
+
+    _IN_CREATE, _IN_MOVED_TO = 0x100, 0x80
+    _watchers: ClassVar[dict[str, _DirectoryWatcher]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def of(cls, directory: str) -> _DirectoryWatcher:
+        with cls._lock:
+            if directory not in cls._watchers:
+                cls._watchers[directory] = cls(directory)
+            return cls._watchers[directory]
+
+    def __init__(self, directory: str) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        mask = self._IN_CREATE | self._IN_MOVED_TO
+        if self._fd < 0 or libc.inotify_add_watch(self._fd, directory.encode(), mask) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot watch {directory}: {os.strerror(err)}")
+        self.changed = threading.Condition()
+        threading.Thread(target=self._run, name=f"watch {directory}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            select.select([self._fd], [], [])
+            try:
+                while os.read(self._fd, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+            with self.changed:
+                self.changed.notify_all()
+
+
+class SharedMemoryRendezvous:
+    """Rendezvous on the shared-memory connector: inotify waits, pid-checked claims."""
+
+    def __init__(self, connector: SharedMemoryConnector) -> None:
+        self.connector = connector
+
+    def _claim_path(self, key: SharedMemoryKey) -> str:
+        return self.connector.path(key) + ".claim"
+
+    def new_key(self) -> SharedMemoryKey:
+        return self.connector.new_key()
+
+    def set_once(self, key: SharedMemoryKey, frames: Frames) -> bool:
+        try:
+            self.connector.set_frames(key, frames)
+        except KeyExistsError:
+            return False
+        return True
+
+    def exists(self, key: SharedMemoryKey) -> bool:
+        return self.connector.exists(key)
+
+    def claim(self, key: SharedMemoryKey) -> None:
+        path = self._claim_path(key)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(_process_tag())
+        os.replace(tmp, path)
+
+    def _claimant_dead(self, key: SharedMemoryKey) -> bool:
+        try:
+            with open(self._claim_path(key)) as f:
+                pid, _, start = f.read().partition("-")
+        except FileNotFoundError:
+            return False  # unclaimed: whoever holds the future may still set it
+        return _start_time(int(pid)) != start
+
+    def wait(self, key: SharedMemoryKey, timeout: float | None) -> bool:
+        watcher = _DirectoryWatcher.of(self.connector.directory)
+        with watcher.changed:  # held between the existence check and the wait: no lost wake-up
+            return _wait_loop(
+                key,
+                timeout,
+                lambda: self.exists(key),
+                lambda: self._claimant_dead(key),
+                lambda seconds: watcher.changed.wait(seconds),
+            )
+
+    def forget(self, key: SharedMemoryKey) -> None:
+        self.connector.evict(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._claim_path(key))
+
+
+class _LeaseRenewer:
+    """Renews this process's Redis claims until they are released or the process dies."""
+
+    def __init__(self) -> None:
+        self._claims: dict[tuple[int, str], Any] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, client: Any, name: str) -> None:
+        with self._lock:
+            self._claims[(id(client), name)] = client
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
+                self._thread.start()
+
+    def discard(self, client: Any, name: str) -> None:
+        with self._lock:
+            self._claims.pop((id(client), name), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(LEASE / 3)
+            with self._lock:
+                claims = list(self._claims.items())
+            for (_, name), client in claims:
+                client.set(name, _process_tag(), px=int(LEASE * 1000), xx=True)
+
+
+_leases = _LeaseRenewer()
+
+
+class RedisRendezvous:
+    """Rendezvous on ProxyStore's Redis connector: pub/sub waits, leased claims."""
+
+    def __init__(self, connector: Any) -> None:
+        self.connector = connector
+        self.client = connector._redis_client
+
+    @staticmethod
+    def _channel(key: Any) -> str:
+        return f"proxy-patterns:set:{key.redis_key}"
+
+    @staticmethod
+    def _claim_name(key: Any) -> str:
+        return f"{key.redis_key}:claim"
+
+    def new_key(self) -> Any:
+        return self.connector.new_key()
+
+    def set_once(self, key: Any, frames: Frames) -> bool:
+        if not self.client.set(key.redis_key, bytes(frames.join()), nx=True):
+            return False
+        _leases.discard(self.client, self._claim_name(key))
+        self.client.delete(self._claim_name(key))
+        self.client.publish(self._channel(key), b"set")
+        return True
+
+    def exists(self, key: Any) -> bool:
+        return bool(self.client.exists(key.redis_key))
+
+    def claim(self, key: Any) -> None:
+        name = self._claim_name(key)
+        self.client.set(name, _process_tag(), px=int(LEASE * 1000))
+        _leases.add(self.client, name)
+
+    def wait(self, key: Any, timeout: float | None) -> bool:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self._channel(key))
+        try:  # subscribed before the existence check: a set in between is not missed
+            return _wait_loop(
+                key,
+                timeout,
+                lambda: self.exists(key),
+                lambda: not self.client.exists(self._claim_name(key)),
+                lambda seconds: pubsub.get_message(timeout=seconds),
+            )
+        finally:
+            pubsub.close()
+
+    def forget(self, key: Any) -> None:
+        _leases.discard(self.client, self._claim_name(key))
+        self.client.delete(key.redis_key, self._claim_name(key))
