@@ -228,13 +228,20 @@ class _LeaseRenewer:
         with self._lock:
             self._claims.pop((id(client), name), None)
 
+    # Renew only a claim that is still ours: another process may have claimed the key since.
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    )
+
     def _run(self) -> None:
         while True:
             time.sleep(LEASE / 3)
             with self._lock:
                 claims = list(self._claims.items())
             for (_, name), client in claims:
-                client.set(name, _process_tag(), px=int(LEASE * 1000), xx=True)
+                if not client.eval(self._RENEW, 1, name, _process_tag(), int(LEASE * 1000)):
+                    self.discard(client, name)
 
 
 _leases = _LeaseRenewer()

@@ -195,14 +195,20 @@ class SharedMemoryConnector:
         finally:
             os.close(fd)
             _unlink(tmp)
-        with self._lock:
-            self._created.add(final)
-        _created.add(final)
         return SharedMemoryKey(name, nbytes)
 
     def new_key(self, obj: BytesLike | None = None) -> SharedMemoryKey:
-        """A fresh key whose object is written later by :meth:`set` (in any process)."""
-        return SharedMemoryKey(f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}", 0)
+        """A fresh key whose object is written later by :meth:`set` (in any process).
+
+        The segment belongs to this process, whoever writes it: it is removed when this
+        connector closes or this process exits, not when the writer does.
+        """
+        name = f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}"
+        path = os.path.join(self.directory, name)
+        with self._lock:
+            self._created.add(path)
+        _created.add(path)
+        return SharedMemoryKey(name, 0)
 
     def set(self, key: SharedMemoryKey, obj: BytesLike) -> None:
         """Write the object of a key from :meth:`new_key`; raises KeyExistsError if set."""
