@@ -44,22 +44,25 @@ import dask
 import dask.config
 from dask._expr import Expr
 from dask._task_spec import GraphNode
-from dask.base import annotate, normalize_token
+from dask.base import annotate, normalize_token, tokenize
 from dask.highlevelgraph import HighLevelGraph, Layer
 from dask.sizeof import sizeof
 from distributed import Client, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
 from distributed.protocol import pickle as dask_pickle
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
-from proxystore.proxy import Proxy, extract, get_factory
+from proxystore.proxy import Proxy, get_factory
+from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import is_proxy, key_of, proxy
-from proxy_patterns.store import get_store
+from proxy_patterns.proxy import is_proxy, key_of, proxy, resolve_proxies
+from proxy_patterns.shm import process_tag
+from proxy_patterns.store import get_store, spec_owned_by
 
 PLUGIN_NAME = "proxy-patterns"
 ANNOTATION = "proxy_patterns"
 RESULTS_TOPIC = "proxy-patterns-results"
 EVICTED_TOPIC = "proxy-patterns-evicted"
+OWNER_HANDLER = "proxy_patterns_owner"
 PROXY_NBYTES = 512
 """What Dask's ``sizeof`` reports for a proxy: its own small size, never its target's."""
 
@@ -136,19 +139,20 @@ class _ProxyingPickler(cloudpickle.Pickler):
 
 @dataclass
 class _Argument:
-    """A proxied argument the client may reuse: its proxy and how many graphs carried it."""
+    """A proxied argument the client may reuse for another graph carrying the same content."""
 
     proxy: Proxy[Any]
     nbytes: int
-    sent: int = 0
-    object_ids: set[int] = field(default_factory=set)
+    token: str
+    pending: int = 0  # graphs carrying it that are being submitted right now
+    outputs: set[Any] = field(default_factory=set)  # keys of the futures of those graphs
 
 
 class DaskProxyPlugin:
     """The client side of the plugin; returned by :func:`register`.
 
-    Holds the client's argument proxies (one per distinct large object still in use) and the
-    two wrapped client methods.
+    Holds the client's argument proxies, one per distinct content (an object passed to many
+    tasks, or equal objects, are put once), and the two wrapped client methods.
     """
 
     def __init__(self, client: Client, policy: ProxyPolicy, store_spec: str | None) -> None:
@@ -157,7 +161,7 @@ class DaskProxyPlugin:
         self.store_spec = store_spec
         self.store = get_store(store_spec)
         self._lock = threading.Lock()
-        self._by_id: dict[int, Any] = {}
+        self._by_token: dict[str, Any] = {}
         self._arguments: dict[Any, _Argument] = {}
         self._graph_to_futures = client._graph_to_futures
         self._gather = client._gather
@@ -188,28 +192,37 @@ class DaskProxyPlugin:
             return self._graph_to_futures(
                 _SerializedGraph([stream, *buffers]), keys, *args, **kwargs
             )
-        del stream, buffers
         frames, carried = self._proxy_graph(expr)
-        annotation = pickle.dumps(carried)
-        with annotate(**{ANNOTATION: annotation}):
-            return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
+        try:
+            annotation = pickle.dumps([(key, a.nbytes) for key, a in carried.items()])
+            with annotate(**{ANNOTATION: annotation}):
+                return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
+        finally:  # the futures exist now (or the submission failed): the graph is not pending
+            with self._lock:
+                for argument in carried.values():
+                    argument.pending -= 1
+                    argument.outputs.update(keys)
 
-    def _proxy_graph(self, expr: Any) -> tuple[list[Any], list[tuple[Any, int, int]]]:
-        """Pickle ``expr`` with its large objects proxied; (frames, [(key, nbytes, sent)])."""
+    def _proxy_graph(self, expr: Any) -> tuple[list[Any], dict[Any, _Argument]]:
+        """Pickle ``expr`` with its large objects proxied; (frames, arguments it carries)."""
         carried: dict[Any, _Argument] = {}
         created: list[Any] = []
 
         def make_proxy(obj: Any) -> Proxy[Any]:
+            token = tokenize(obj)  # content, so that an object changed in place is put anew
             with self._lock:
-                key = self._by_id.get(id(obj))
-                if key is None or key not in self._arguments:
+                key = self._by_token.get(token)
+                if key is None:
                     p = proxy(self.store, obj, keep_target=False)
                     key = key_of(p)
                     created.append(key)
-                    self._arguments[key] = _Argument(p, self.policy.size_of(obj))
-                    self._remember(obj, key)
-                carried[key] = self._arguments[key]
-                return self._arguments[key].proxy
+                    self._by_token[token] = key
+                    self._arguments[key] = _Argument(p, self.policy.size_of(obj), token)
+                argument = self._arguments[key]
+                if key not in carried:
+                    argument.pending += 1  # from now on an idle report cannot evict it
+                    carried[key] = argument
+                return argument.proxy
 
         buffers: list[Any] = []
         stream = io.BytesIO()
@@ -222,46 +235,33 @@ class DaskProxyPlugin:
             ).dump(expr)
         except Exception as e:
             with self._lock:
+                for argument in carried.values():
+                    argument.pending -= 1
                 for key in created:
                     self._forget(key)
-                    self.store.evict(key)
+            for key in created:
+                self.store.evict(key)
             raise TypeError(f"could not serialize the task graph: {e}") from e
-        with self._lock:
-            for argument in carried.values():
-                argument.sent += 1
-            annotation = [(k, a.nbytes, a.sent) for k, a in carried.items()]
-        return [stream.getbuffer(), *buffers], annotation
-
-    def _remember(self, obj: Any, key: Any) -> None:
-        """Map ``obj`` to ``key`` while ``obj`` lives (ids are reused after it dies)."""
-        try:
-            weakref.finalize(obj, self._drop_id, id(obj), key)
-        except TypeError:
-            return  # not weak-referenceable: deduplicated within one graph only
-        self._by_id[id(obj)] = key
-        self._arguments[key].object_ids.add(id(obj))
-
-    def _drop_id(self, object_id: int, key: Any) -> None:
-        with self._lock:
-            if self._by_id.get(object_id) == key:
-                del self._by_id[object_id]
+        return [stream.getbuffer(), *buffers], carried
 
     def _forget(self, key: Any) -> None:
-        argument = self._arguments.pop(key, None)
-        for object_id in argument.object_ids if argument else ():
-            if self._by_id.get(object_id) == key:
-                del self._by_id[object_id]
+        argument = self._arguments.pop(key)
+        del self._by_token[argument.token]
 
     async def _on_idle(self, event: tuple[float, dict[str, Any]]) -> None:
-        """The scheduler saw no task left using an argument key: evict it unless reused.
+        """The scheduler saw no task left using an argument key: evict it unless still used.
 
-        Runs in the client's event loop, so it uses the client's asynchronous API.
+        Still used means carried by a graph being submitted, or by a graph whose futures the
+        client holds. Runs in the client's event loop, so it uses the asynchronous API.
         """
-        key, seen = pickle.loads(event[1]["data"])
+        key = pickle.loads(event[1]["data"])
         with self._lock:
             argument = self._arguments.get(key)
-            if argument is None or argument.sent != seen:
-                return  # already evicted, or a newer graph carries it
+            if argument is None or argument.pending:
+                return
+            argument.outputs = {k for k in argument.outputs if self.client.refcount.get(k)}
+            if argument.outputs:
+                return
             self._forget(key)
         self.store.evict(key)
         scheduler = self.client.scheduler
@@ -270,23 +270,12 @@ class DaskProxyPlugin:
 
     async def _gather_resolved(self, futures: Any, *args: Any, **kwargs: Any) -> Any:
         result = await self._gather(futures, *args, **kwargs)
-        return _resolve_proxies(result, depth=self.policy.max_depth + 2)
+        return resolve_proxies(result, depth=self.policy.max_depth + 2)
 
     # --- user-facing -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Counters kept by the scheduler: bytes proxied, keys/bytes live, keys evicted."""
         return dict(self.client.run_on_scheduler(_scheduler_stats))
-
-
-def _resolve_proxies(obj: Any, depth: int) -> Any:
-    """``obj`` with every proxy in it (and in its containers, to ``depth``) resolved."""
-    if is_proxy(obj):
-        return extract(obj)
-    if depth <= 0 or type(obj) not in (list, tuple, dict):
-        return obj
-    if type(obj) is dict:
-        return {k: _resolve_proxies(v, depth - 1) for k, v in obj.items()}
-    return type(obj)(_resolve_proxies(v, depth - 1) for v in obj)
 
 
 def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
@@ -295,8 +284,37 @@ def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
     return plugin.stats()
 
 
+def _keys_of_proxies(obj: Any, depth: int) -> list[Any]:
+    """Store keys of the store proxies in ``obj`` and its containers (to ``depth``)."""
+    if is_proxy(obj):
+        factory = get_factory(obj)
+        return [factory.key] if isinstance(factory, StoreFactory) else []
+    cls = type(obj)
+    if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
+        return []
+    values = obj.values() if issubclass(cls, dict) else obj
+    return [key for v in values for key in _keys_of_proxies(v, depth - 1)]
+
+
+def _dispatched_types() -> tuple[type, ...]:
+    """Result types Dask's own functions dispatch on by exact type: never proxied on workers.
+
+    dask.dataframe looks up ``concat``, ``make_meta`` & co. by ``type(partition)``; a proxy's
+    type is the proxy's, so pandas partitions must reach them as they are.
+    """
+    try:
+        import pandas
+    except ImportError:
+        return ()
+    return (pandas.DataFrame, pandas.Series, pandas.Index)
+
+
 class ProxyWorkerPlugin(WorkerPlugin):
-    """Replaces large task results in ``worker.data`` by proxies, and tells the scheduler."""
+    """Replaces large task results in ``worker.data`` by proxies, and tells the scheduler.
+
+    Results are put in segments owned by the scheduler's process, not the worker's: a worker
+    that is retired or restarted does not take results that Dask copied elsewhere with it.
+    """
 
     name = PLUGIN_NAME
     idempotent = True
@@ -305,13 +323,20 @@ class ProxyWorkerPlugin(WorkerPlugin):
         self.policy = policy
         self.store_spec = store_spec
 
-    def setup(self, worker: Worker) -> None:
+    async def setup(self, worker: Worker) -> None:
         self.worker = worker
-        self.store = get_store(self.store_spec)
+        owner = await getattr(worker.scheduler, OWNER_HANDLER)()
+        self.store = get_store(spec_owned_by(self.store_spec, owner))
+        self.results_policy = ProxyPolicy(
+            self.policy.threshold,
+            include=self.policy.include,
+            exclude=(*self.policy.exclude, *_dispatched_types()),
+            max_depth=self.policy.max_depth,
+        )
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if finish != "memory" or start in ("flight", "resumed") or key not in self.worker.data:
-            return  # only results computed here (data fetched from peers is already small)
+        if finish != "memory" or start not in ("executing", "long-running"):
+            return  # only results computed here: not data fetched from peers or scattered
         value = self.worker.data[key]
         created: list[tuple[Any, int]] = []
 
@@ -320,14 +345,22 @@ class ProxyWorkerPlugin(WorkerPlugin):
             created.append((key_of(p), self.policy.size_of(obj)))
             return p
 
-        proxied = self.policy.apply(value, make_proxy)
+        proxied = self.results_policy.apply(value, make_proxy)
         if proxied is not value:
             self.worker.data[key] = proxied
-            self.worker.log_event(RESULTS_TOPIC, {"data": pickle.dumps((key, created))})
+        held = _keys_of_proxies(proxied, self.policy.max_depth + 1)
+        if held:  # new proxies, and proxies the task passed through (e.g. dask.array aliases)
+            data = pickle.dumps((key, created, held))
+            self.worker.log_event(RESULTS_TOPIC, {"data": data})
 
 
 class ProxySchedulerPlugin(SchedulerPlugin):
-    """Owns every key the plugin created and evicts it when Dask forgets its tasks."""
+    """Owns every key the plugin created and evicts it when nothing in Dask holds it.
+
+    A store key is held by the tasks whose graph carried it (until they are forgotten) and by
+    the tasks whose result contains it (until that result is released). Argument keys of a
+    connected client are handed back to it when idle; the others are evicted here.
+    """
 
     name = PLUGIN_NAME
     # A second client registering must not replace the plugin and wipe its key ownership.
@@ -335,11 +368,9 @@ class ProxySchedulerPlugin(SchedulerPlugin):
 
     def __init__(self, store_spec: str | None) -> None:
         self.store_spec = store_spec
-        self._holders: dict[Any, set[Any]] = defaultdict(set)  # argument key -> tasks
-        self._argument_of: dict[Any, set[Any]] = defaultdict(set)  # task -> argument keys
-        self._argument_client: dict[Any, str] = {}
-        self._argument_seen: dict[Any, int] = {}
-        self._results: dict[Any, list[Any]] = defaultdict(list)  # task -> result keys
+        self._holders: dict[Any, set[tuple[Any, str]]] = defaultdict(set)
+        self._held: dict[tuple[Any, str], set[Any]] = defaultdict(set)
+        self._client_of: dict[Any, str] = {}
         self._nbytes: dict[Any, int] = {}
         self.bytes_proxied = 0
         self.keys_evicted = 0
@@ -347,6 +378,24 @@ class ProxySchedulerPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.store = get_store(self.store_spec)
+        # Workers ask whose segments their results are (see ProxyWorkerPlugin).
+        scheduler.handlers[OWNER_HANDLER] = lambda comm=None: process_tag()
+
+    def _track(self, key: Any, nbytes: int) -> None:
+        if key not in self._nbytes:
+            self._nbytes[key] = nbytes
+            self.bytes_proxied += nbytes
+
+    def _hold(self, holder: tuple[Any, str], key: Any) -> None:
+        self._holders[key].add(holder)
+        self._held[holder].add(key)
+
+    def _release(self, holder: tuple[Any, str]) -> None:
+        for key in self._held.pop(holder, ()):
+            holders = self._holders[key]
+            holders.discard(holder)
+            if not holders:
+                self._idle(key)
 
     def update_graph(
         self,
@@ -357,79 +406,60 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         annotations: dict[str, dict[Any, Any]],
         **kwargs: Any,
     ) -> None:
-        carried_by_task = annotations.get(ANNOTATION, {})
-        for task, annotation in carried_by_task.items():
-            for key, nbytes, sent in pickle.loads(annotation):
-                if key not in self._nbytes:
-                    self._nbytes[key] = nbytes
-                    self.bytes_proxied += nbytes
-                self._holders[key].add(task)
-                self._argument_of[task].add(key)
-                self._argument_client[key] = client
-                self._argument_seen[key] = max(sent, self._argument_seen.get(key, 0))
-
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if finish in ("released", "forgotten", "erred") and key in self._results:
-            for result_key in self._results.pop(key):
-                self._evict(result_key)
-        if finish == "forgotten":
-            for argument in self._argument_of.pop(key, ()):
-                holders = self._holders[argument]
-                holders.discard(key)
-                if not holders:
-                    self._idle(argument)
-
-    def _idle(self, key: Any) -> None:
-        client = self._argument_client[key]
-        if client in self.scheduler.clients:
-            data = pickle.dumps((key, self._argument_seen[key]))
-            self.scheduler.log_event(_idle_topic(client), {"data": data})
-        else:
-            self._drop_argument(key)
-            self._evict(key)
-
-    def _drop_argument(self, key: Any) -> None:
-        self._holders.pop(key, None)
-        self._argument_client.pop(key, None)
-        self._argument_seen.pop(key, None)
-
-    def _evict(self, key: Any) -> None:
-        self.store.evict(key)
-        self.keys_evicted += 1
-        self._nbytes.pop(key, None)
+        for task, annotation in annotations.get(ANNOTATION, {}).items():
+            for key, nbytes in pickle.loads(annotation):
+                self._track(key, nbytes)
+                self._client_of[key] = client
+                self._hold((task, "graph"), key)
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == RESULTS_TOPIC:
-            task, created = pickle.loads(msg["data"])
-            ts = self.scheduler.tasks.get(task)
+            task, created, held = pickle.loads(msg["data"])
             for key, nbytes in created:
-                self._nbytes[key] = nbytes
-                self.bytes_proxied += nbytes
-                if ts is None or ts.state not in ("processing", "memory"):
-                    self._evict(key)  # the task was forgotten while it ran
-                else:
-                    self._results[task].append(key)
+                self._track(key, nbytes)
+            ts = self.scheduler.tasks.get(task)
+            alive = ts is not None and ts.state in ("processing", "memory")
+            for key in held:
+                if key in self._nbytes and alive:  # never adopt keys the plugin did not make
+                    self._hold((task, "result"), key)
+                elif key in self._nbytes and not self._holders.get(key):
+                    self._idle(key)  # the task was forgotten while it ran
         elif topic == EVICTED_TOPIC:
             key = pickle.loads(msg["data"])
             if not self._holders.get(key):
-                self._drop_argument(key)
-                self.keys_evicted += 1
-                self._nbytes.pop(key, None)
+                self._drop(key)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish in ("released", "forgotten", "erred"):
+            self._release((key, "result"))
+        if finish == "forgotten":
+            self._release((key, "graph"))
+
+    def _idle(self, key: Any) -> None:
+        client = self._client_of.get(key)
+        if client in self.scheduler.clients:
+            self.scheduler.log_event(_idle_topic(client), {"data": pickle.dumps(key)})
+        else:
+            self.store.evict(key)
+            self._drop(key)
+
+    def _drop(self, key: Any) -> None:
+        self._holders.pop(key, None)
+        self._client_of.pop(key, None)
+        if self._nbytes.pop(key, None) is not None:
+            self.keys_evicted += 1
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
-        for key, owner in list(self._argument_client.items()):
-            if owner == client and not self._holders.get(key):
-                self._drop_argument(key)
-                self._evict(key)
+        for key, owner in list(self._client_of.items()):
+            if owner == client:
+                del self._client_of[key]  # the scheduler decides for it from now on
+                if not self._holders.get(key):
+                    self._idle(key)
 
     async def close(self) -> None:
-        for keys in self._results.values():
-            for key in keys:
-                self._evict(key)
-        for key in list(self._argument_client):
-            self._drop_argument(key)
-            self._evict(key)
-        self._results.clear()
+        for key in list(self._nbytes):
+            self.store.evict(key)
+            self._drop(key)
 
     def stats(self) -> dict[str, int]:
         """Bytes proxied so far, keys and bytes live in the store, keys evicted."""
@@ -493,7 +523,8 @@ def register(
 
 
 def unregister(client: Client) -> None:
-    """Restore plain behaviour for ``client``: later graphs and results are not proxied.
+    """Restore plain behaviour: ``client``'s later graphs, and later task results on the
+    cluster's workers, are not proxied.
 
     Keys already created stay owned by the scheduler and are evicted with their tasks.
     """
@@ -501,6 +532,7 @@ def unregister(client: Client) -> None:
     if plugin is None:
         raise ValueError(f"proxy-patterns is not registered on {client}")
     plugin.uninstall()
+    client.unregister_worker_plugin(PLUGIN_NAME)
 
 
 async def dask_setup(target: Scheduler | Worker | Client) -> None:

@@ -143,7 +143,7 @@ class ProxyPolicy:
             new_values = [new for new, _ in results]
             if any(new is not old for new, old in zip(new_values, values, strict=True)):
                 items = dict(zip(obj, new_values, strict=True)) if is_dict else new_values
-                return _rebuild(cls, items), False
+                return rebuild_container(cls, items), False
             if any(pinned for _, pinned in results):
                 return obj, True
         if self.should_proxy(obj):
@@ -152,7 +152,7 @@ class ProxyPolicy:
         return obj, False
 
 
-def _rebuild(cls: type, items: list[Any] | dict[Any, Any]) -> Any:
+def rebuild_container(cls: type, items: list[Any] | dict[Any, Any]) -> Any:
     """Build a ``cls`` from ``items``, or its builtin base if ``cls`` cannot take them."""
     try:
         if issubclass(cls, tuple) and hasattr(cls, "_fields"):  # namedtuple

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from proxystore.proxy import Proxy, get_factory
+from proxystore.proxy import Proxy, extract, get_factory
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
@@ -41,6 +41,15 @@ class OpaqueProxy(Proxy[T]):
     """A ProxyStore proxy that framework inspection cannot resolve (see the module docstring)."""
 
     __slots__ = ()
+
+    def __init__(
+        self, factory: Callable[[], T], *, cache_defaults: bool = False, target: T | None = None
+    ) -> None:
+        super().__init__(factory, cache_defaults=cache_defaults, target=target)
+        if object.__getattribute__(self, "__proxy_default_class__") is None:
+            # Class unknown until resolved: claim to be a plain object, so that isinstance
+            # checks answer False instead of resolving (or blocking on a future).
+            object.__setattr__(self, "__proxy_default_class__", object)
 
     # Blocks collections.abc.Iterator's structural check; iteration (__iter__) still works.
     __next__ = None  # type: ignore[assignment]
@@ -110,6 +119,22 @@ def key_of(p: Proxy[Any]) -> Any:
     return cast(StoreFactory[Any, Any], get_factory(p)).key
 
 
-def store_of(p: Proxy[Any]) -> Store[Any]:
-    """The store a proxy resolves from (re-created in this process if needed)."""
-    return cast(StoreFactory[Any, Any], get_factory(p)).get_store()
+def resolve_proxies(obj: Any, depth: int) -> Any:
+    """``obj`` with every proxy in it, and in its lists, tuples and dicts to ``depth``, resolved.
+
+    Containers are rebuilt with their own type (namedtuples, dict subclasses) when a proxy
+    inside was resolved, and returned as they are otherwise.
+    """
+    from proxy_patterns.policy import rebuild_container
+
+    if is_proxy(obj):
+        return extract(obj)
+    cls = type(obj)
+    if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
+        return obj
+    is_dict = issubclass(cls, dict)
+    values = list(obj.values()) if is_dict else list(obj)
+    resolved = [resolve_proxies(v, depth - 1) for v in values]
+    if all(new is old for new, old in zip(resolved, values, strict=True)):
+        return obj
+    return rebuild_container(cls, dict(zip(obj, resolved, strict=True)) if is_dict else resolved)

@@ -28,8 +28,8 @@ from proxy_patterns.shm import (
     KeyExistsError,
     SharedMemoryConnector,
     SharedMemoryKey,
-    _process_tag,
-    _start_time,
+    process_tag,
+    start_time,
 )
 
 LIVENESS_INTERVAL = 0.5
@@ -181,7 +181,7 @@ class SharedMemoryRendezvous:
         path = self._claim_path(key)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(_process_tag())
+            f.write(process_tag())
         os.replace(tmp, path)
 
     def _claimant_dead(self, key: SharedMemoryKey) -> bool:
@@ -190,7 +190,7 @@ class SharedMemoryRendezvous:
                 pid, _, start = f.read().partition("-")
         except FileNotFoundError:
             return False  # unclaimed: whoever holds the future may still set it
-        return _start_time(int(pid)) != start
+        return start_time(int(pid)) != start
 
     def wait(self, key: SharedMemoryKey, timeout: float | None) -> bool:
         watcher = _DirectoryWatcher.of(self.connector.directory)
@@ -240,7 +240,7 @@ class _LeaseRenewer:
             with self._lock:
                 claims = list(self._claims.items())
             for (_, name), client in claims:
-                if not client.eval(self._RENEW, 1, name, _process_tag(), int(LEASE * 1000)):
+                if not client.eval(self._RENEW, 1, name, process_tag(), int(LEASE * 1000)):
                     self.discard(client, name)
 
 
@@ -278,7 +278,7 @@ class RedisRendezvous:
 
     def claim(self, key: Any) -> None:
         name = self._claim_name(key)
-        self.client.set(name, _process_tag(), px=int(LEASE * 1000))
+        self.client.set(name, process_tag(), px=int(LEASE * 1000))
         _leases.add(self.client, name)
 
     def wait(self, key: Any, timeout: float | None) -> bool:

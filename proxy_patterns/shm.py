@@ -54,7 +54,7 @@ class SharedMemoryKey(NamedTuple):
     nbytes: int
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """Start time of ``pid`` in clock ticks since boot, or None if no such process.
 
     Together with the pid it names a process uniquely even after pids are reused.
@@ -71,11 +71,11 @@ def _start_time(pid: int) -> str | None:
 _process_tags: dict[int, str] = {}
 
 
-def _process_tag() -> str:
+def process_tag() -> str:
     """``pid-starttime`` of this process, the prefix that tells whose a segment is."""
     pid = os.getpid()  # looked up per put: a forked child must not pass as its parent
     if pid not in _process_tags:
-        _process_tags[pid] = f"{pid}-{_start_time(pid)}"
+        _process_tags[pid] = f"{pid}-{start_time(pid)}"
     return _process_tags[pid]
 
 
@@ -123,7 +123,7 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
         if not name.startswith(SEGMENT_PREFIX):
             continue
         pid, _, rest = name[len(SEGMENT_PREFIX) :].partition("-")
-        if not pid.isdigit() or _start_time(int(pid)) == rest.partition("-")[0]:
+        if not pid.isdigit() or start_time(int(pid)) == rest.partition("-")[0]:
             continue
         _unlink(os.path.join(directory, name))
         removed.append(name)
@@ -144,12 +144,16 @@ class SharedMemoryConnector:
 
     Args:
         directory: A tmpfs directory shared by every process that resolves the proxies.
+        owner: :func:`process_tag` of the process that owns the segments this connector
+            creates (default: this process). Segments of another owner are not removed when
+            this process exits, only when they are evicted or when the owner is gone.
     """
 
-    def __init__(self, directory: str = DEFAULT_DIRECTORY) -> None:
+    def __init__(self, directory: str = DEFAULT_DIRECTORY, owner: str | None = None) -> None:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"shared-memory directory {directory!r} does not exist")
         self.directory = directory
+        self.owner = owner
         self._lock = threading.Lock()
         self._created: set[str] = set()
         if directory not in _swept_directories:
@@ -157,7 +161,8 @@ class SharedMemoryConnector:
             remove_stale_segments(directory)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(directory={self.directory!r})"
+        owner = f", owner={self.owner!r}" if self.owner else ""
+        return f"{type(self).__name__}(directory={self.directory!r}{owner})"
 
     def _write(self, name: str, nbytes: int, chunks: Iterable[BytesLike]) -> SharedMemoryKey:
         """Write a segment under a temporary name, then publish it as ``name`` atomically.
@@ -203,11 +208,13 @@ class SharedMemoryConnector:
         The segment belongs to this process, whoever writes it: it is removed when this
         connector closes or this process exits, not when the writer does.
         """
-        name = f"{SEGMENT_PREFIX}{_process_tag()}-{secrets.token_hex(16)}"
-        path = os.path.join(self.directory, name)
-        with self._lock:
-            self._created.add(path)
-        _created.add(path)
+        owner = self.owner or process_tag()
+        name = f"{SEGMENT_PREFIX}{owner}-{secrets.token_hex(16)}"
+        if owner == process_tag():
+            path = os.path.join(self.directory, name)
+            with self._lock:
+                self._created.add(path)
+            _created.add(path)
         return SharedMemoryKey(name, 0)
 
     def set(self, key: SharedMemoryKey, obj: BytesLike) -> None:
@@ -274,7 +281,7 @@ class SharedMemoryConnector:
 
     def config(self) -> dict[str, Any]:
         """Configuration that re-creates the connector in another process."""
-        return {"directory": self.directory}
+        return {"directory": self.directory, "owner": self.owner}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SharedMemoryConnector:

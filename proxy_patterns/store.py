@@ -4,7 +4,8 @@ A *store spec* names a ProxyStore connector and where it keeps its bytes:
 
 =====================  ========================================================
 ``shm``                :class:`~proxy_patterns.shm.SharedMemoryConnector` on ``/dev/shm``
-``shm:///some/tmpfs``  the same on another tmpfs directory
+``shm:///some/tmpfs``  the same on another tmpfs directory (``?owner=PID-START``: whose
+                       segments they are, see :func:`spec_owned_by`)
 ``file:///some/dir``   ProxyStore ``FileConnector`` (never deletes the directory on close)
 ``redis://host:port``  ProxyStore ``RedisConnector`` (multi-node)
 =====================  ========================================================
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import proxystore.store
 from proxystore.connectors.protocols import Connector
@@ -51,7 +52,8 @@ def connector_from_spec(spec: str) -> Connector[Any]:
     if url.scheme == "" and url.path == "shm":
         return SharedMemoryConnector(DEFAULT_DIRECTORY)
     if url.scheme == "shm":
-        return SharedMemoryConnector(url.path or DEFAULT_DIRECTORY)
+        owner = parse_qs(url.query).get("owner", [None])[0]
+        return SharedMemoryConnector(url.path or DEFAULT_DIRECTORY, owner=owner)
     if url.scheme == "file" and url.path:
         from proxystore.connectors.file import FileConnector
 
@@ -64,6 +66,19 @@ def connector_from_spec(spec: str) -> Connector[Any]:
         f"unknown store spec {spec!r}: expected 'shm', 'shm:///tmpfs/dir', "
         "'file:///dir' or 'redis://host:port'"
     )
+
+
+def spec_owned_by(spec: str | None, owner: str) -> str:
+    """``spec``, with shared-memory segments it creates owned by process ``owner``.
+
+    For a worker that puts results on behalf of a longer-lived process (a scheduler): the
+    segments then outlive the worker. Other stores have no per-process cleanup to move.
+    """
+    spec = spec or default_spec()
+    connector = connector_from_spec(spec)
+    if not isinstance(connector, SharedMemoryConnector):
+        return spec
+    return f"shm://{connector.directory}?owner={owner}"
 
 
 def get_store(spec: str | None = None) -> Store[Any]:

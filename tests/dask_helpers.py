@@ -1,0 +1,196 @@
+"""Task functions and test objects for ``test_dask_plugin.py``.
+
+They live in an importable module (not in the test module) so that worker and scheduler
+processes unpickle them by reference, whichever way the cluster was started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+MiB = 2**20
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    message: str | Callable[[], str] = "",
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise after ``timeout`` seconds.
+
+    ``message`` (or what it returns, evaluated only on timeout) says what was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise TimeoutError(f"not true after {timeout} s: {text or predicate}")
+        time.sleep(interval)
+
+
+def poll_for(predicate: Callable[[], Any], timeout: float) -> bool:
+    """Like :func:`wait_until`, but a timeout is an answer (False), not an error."""
+    try:
+        wait_until(predicate, timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def array(nbytes: int, seed: int = 0) -> np.ndarray:
+    """A float64 array of ``nbytes`` bytes with distinct values."""
+    return np.random.default_rng(seed).random(nbytes // 8)
+
+
+# --- task functions -----------------------------------------------------------------------
+def total(x: Any, *rest: Any) -> float:
+    """Sum of the first argument (the others are only carried along)."""
+    return float(np.sum(x))
+
+
+def total2(x: Any, y: Any) -> float:
+    return float(np.sum(x) + np.sum(y))
+
+
+def double(x: Any) -> Any:
+    return x * 2.0
+
+
+def scaled_head(x: Any, i: int, n: int) -> np.ndarray:
+    """The first ``n`` values of ``x`` times ``i``: a new (large) result from a large argument."""
+    return np.asarray(x[:n]) * i
+
+
+def inc(i: int) -> int:
+    return i + 1
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def in_list(x: Any) -> list[Any]:
+    return [x]
+
+
+def frame(n: int, start: int) -> Any:
+    """A DataFrame of ``n`` rows (two float columns) made on the worker."""
+    import pandas as pd
+
+    a = np.arange(start, start + n, dtype=float)
+    return pd.DataFrame({"a": a, "b": a * 0.5}, index=np.arange(start, start + n))
+
+
+def dd_concat(parts: list[Any]) -> Any:
+    """What dask.dataframe runs to combine partitions (dispatches on the first one's type)."""
+    from dask.dataframe.dispatch import concat
+
+    return concat(parts)
+
+
+def filled(n: int, value: float) -> np.ndarray:
+    """A large result made on the worker: ``n`` float64 values all equal to ``value``."""
+    return np.full(n, value)
+
+
+def filled_after(seconds: float, n: int, value: float) -> np.ndarray:
+    """A large result that takes ``seconds`` to compute."""
+    time.sleep(seconds)
+    return np.full(n, value)
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+def result_shaped(shape: str, n: int) -> Any:
+    """Two large arrays (values 1 and 2) in the container ``shape`` names."""
+    a, b = np.full(n, 1.0), np.full(n, 2.0)
+    return {
+        "array": a,
+        "list": [a, b],
+        "tuple": (a, b),
+        "dict": {"first": a, "second": b},
+        "namedtuple": Pair(a, b),
+    }[shape]
+
+
+# --- proxies whose resolution is observable -----------------------------------------------
+class CountingFactory:
+    """A proxy factory that counts how often it is asked for its value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value, self.calls = value, 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        return self.value
+
+
+class SlowFactory:
+    """A picklable proxy factory that takes ``seconds`` to produce its value.
+
+    It is slow only in the process that created it (the test process, which also runs the
+    scheduler of a ``LocalCluster``): a resolve there shows as a delay, while workers resolve it
+    at once, so a test never leaves a worker thread blocked.
+    """
+
+    def __init__(self, value: Any, seconds: float) -> None:
+        self.value, self.seconds, self.calls = value, seconds, 0
+        self.creator = os.getpid()
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if os.getpid() == self.creator:
+            time.sleep(self.seconds)
+        return self.value
+
+
+def _pickled_by_the_plugins_proxying_pass() -> bool:
+    """Whether the caller is being pickled by the plugin's second, proxying pickle pass.
+
+    Found by the name of the plugin method that runs it (``DaskProxyPlugin._proxy_graph``):
+    if that method is renamed, the tests using the two classes below fail loudly.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_proxy_graph":
+            return True
+        frame = frame.f_back
+    return False
+
+
+class RefusesProxyingPass:
+    """Pickles fine, except in the plugin's proxying pass (after large arguments were put)."""
+
+    def __reduce__(self) -> Any:
+        if _pickled_by_the_plugins_proxying_pass():
+            raise TypeError("RefusesProxyingPass cannot be pickled in this pass")
+        return RefusesProxyingPass, ()
+
+
+class PausesProxyingPass:
+    """Runs ``pause()`` when the plugin's proxying pass reaches it; pickles as ``0``.
+
+    Placed after a large argument, it holds the pass at the point where that argument's proxy
+    has been chosen but the graph is not yet sent, as a slow put of a further argument would.
+    """
+
+    def __init__(self, pause: Callable[[], None]) -> None:
+        self.pause = pause
+
+    def __reduce__(self) -> Any:
+        if _pickled_by_the_plugins_proxying_pass():
+            self.pause()
+        return int, (0,)
