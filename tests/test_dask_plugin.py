@@ -34,17 +34,17 @@ import pytest
 from dask.base import tokenize
 from dask.sizeof import sizeof
 from distributed import Client, LocalCluster, wait
+from proxystore.proxy import ProxyResolveError
+from proxystore.store import Store, unregister_store
+from proxystore.store.exceptions import ProxyResolveMissingKeyError
+
+from proxy_patterns.bench.cluster import measured_cluster
 from proxy_patterns.plugins.dask import (
     PLUGIN_NAME,
     DaskProxyPlugin,
     register,
     unregister,
 )
-from proxystore.proxy import ProxyResolveError
-from proxystore.store import Store, unregister_store
-from proxystore.store.exceptions import ProxyResolveMissingKeyError
-
-from proxy_patterns.bench.cluster import measured_cluster
 from proxy_patterns.proxy import OpaqueProxy, key_of, proxy
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector
 from proxy_patterns.store import count_keys, get_store

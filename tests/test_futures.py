@@ -158,3 +158,39 @@ def test_future_needs_a_store_that_can_wait(tmp_path: Any) -> None:
 
     with pytest.raises(TypeError, match="shared-memory or Redis"):
         ProxyFuture(get_store(f"file://{tmp_path}"))
+
+
+# --- with Dask ---------------------------------------------------------------------------
+def _consume(p: Any) -> float:
+    return float(np.asarray(p).sum())
+
+
+def _produce(fut: ProxyFuture[np.ndarray], n: int) -> None:
+    time.sleep(0.5)
+    fut.set_result(np.ones(n))
+
+
+@pytest.mark.parametrize("with_plugin", [False, True], ids=["plain", "plugin"])
+def test_dask_submit_of_an_unset_future_returns_at_once(
+    shm_dir: str, shm_store: Store[Any], with_plugin: bool
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from proxy_patterns.plugins.dask import register
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        if with_plugin:
+            register(client, store=f"shm://{shm_dir}")
+        fut: ProxyFuture[np.ndarray] = ProxyFuture(shm_store)
+        start = time.monotonic()
+        consumer = client.submit(_consume, fut.proxy())  # pure: tokenized, yet not resolved
+        assert time.monotonic() - start < 1.0, "submit waited for the value"
+        producer = client.submit(_produce, fut, 2_000_000, pure=False)
+        assert consumer.result(timeout=30) == 2_000_000.0
+        producer.result(timeout=30)
+        fut.evict()

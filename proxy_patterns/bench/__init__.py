@@ -7,6 +7,7 @@ import importlib
 BENCHMARKS = {
     "store": "proxy_patterns.bench.store",
     "dask": "proxy_patterns.bench.dask_plugin",
+    "pipelining": "proxy_patterns.bench.pipelining",
 }
 
 
