@@ -211,18 +211,23 @@ class DaskProxyPlugin:
         def make_proxy(obj: Any) -> Proxy[Any]:
             token = tokenize(obj)  # content, so that an object changed in place is put anew
             with self._lock:
-                key = self._by_token.get(token)
-                if key is None:
-                    p = proxy(self.store, obj, keep_target=False)
-                    key = key_of(p)
-                    created.append(key)
-                    self._by_token[token] = key
-                    self._arguments[key] = _Argument(p, self.policy.size_of(obj), token)
-                argument = self._arguments[key]
-                if key not in carried:
-                    argument.pending += 1  # from now on an idle report cannot evict it
-                    carried[key] = argument
+                argument = self._carry(self._by_token.get(token), carried)
+            if argument is not None:
                 return argument.proxy
+            # Put outside the lock: the event loop's idle handler must not wait for a copy.
+            p = proxy(self.store, obj, keep_target=False)
+            new = _Argument(p, self.policy.size_of(obj), token)
+            with self._lock:
+                existing = self._by_token.get(token)  # another thread may have put it too
+                if existing is None:
+                    self._by_token[token] = key_of(p)
+                    self._arguments[key_of(p)] = new
+                    created.append(key_of(p))
+                argument = self._carry(self._by_token[token], carried)
+            if existing is not None:
+                self.store.evict(key_of(p))
+            assert argument is not None
+            return argument.proxy
 
         buffers: list[Any] = []
         stream = io.BytesIO()
@@ -243,6 +248,16 @@ class DaskProxyPlugin:
                 self.store.evict(key)
             raise TypeError(f"could not serialize the task graph: {e}") from e
         return [stream.getbuffer(), *buffers], carried
+
+    def _carry(self, key: Any, carried: dict[Any, _Argument]) -> _Argument | None:
+        """Mark argument ``key`` (if any) as carried by the graph being pickled (under lock)."""
+        if key is None:
+            return None
+        argument = self._arguments[key]
+        if key not in carried:
+            argument.pending += 1  # from now on an idle report cannot evict it
+            carried[key] = argument
+        return argument
 
     def _forget(self, key: Any) -> None:
         argument = self._arguments.pop(key)
