@@ -1,7 +1,8 @@
 """``proxy-patterns bench dask``: plain Dask against Dask with the proxy plugin, same workloads.
 
 A ``LocalCluster`` with 2 worker processes of 1 thread each, a fresh one per mode (plain, the
-plugin on shared memory, the plugin on Redis when a redis-server is available):
+plugin on shared memory, on a huge-page tmpfs when one is mounted, and on Redis when a
+redis-server is available):
 
 * ``a`` — 10 independent tasks, each given its own 100 MB array and returning 100 MB, gathered;
 * ``b`` — one 100 MB array passed to 20 tasks (``submit`` each), small results gathered;
@@ -150,12 +151,16 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     from tqdm import tqdm
 
     from proxy_patterns.bench.redis_server import local_redis_server, redis_server_binary
+    from proxy_patterns.shm import huge_page_directories
 
     scale = 0.2 if quick else 1.0
     repeats = 1 if quick else 3
     inputs = {w.name: w.prepare(scale) for w in WORKLOADS}
     with contextlib.ExitStack() as stack:
         modes: dict[str, str | None] = {"plain": None, "shm": "shm"}
+        huge = huge_page_directories()
+        if huge:
+            modes["shm-huge"] = f"shm://{huge[0]}"
         if redis is None and redis_server_binary() is not None:
             redis = stack.enter_context(local_redis_server())
         if redis is not None:
