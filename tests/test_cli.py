@@ -40,7 +40,8 @@ def test_bench_store_prints_every_backend_and_plots(tmp_path: Path) -> None:
     plot = tmp_path / "store.png"
     output = _run("bench", "store", "--quick", "--plot", str(plot))
     backends = {row[1] for row in _table_rows(output)}
-    assert backends == {"shm", "file", "redis", "pickle"}
+    expected = {"shm", "file", "redis", "pickle"}
+    assert expected <= backends <= expected | {"shm-huge"}  # shm-huge: if a mount exists
     assert "goal: resolve 100 MB" in output and "goal: put 100 MB" in output
     assert plot.stat().st_size > 10_000
 
