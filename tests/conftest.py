@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +13,10 @@ from proxystore.store import Store, unregister_store
 
 from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_keys, get_store
+
+# Worker processes unpickle the tests' task functions (tests/dask_helpers.py) by module name.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

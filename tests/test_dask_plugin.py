@@ -38,18 +38,7 @@ from proxystore.proxy import ProxyResolveError
 from proxystore.store import Store, unregister_store
 from proxystore.store.exceptions import ProxyResolveMissingKeyError
 
-from proxy_patterns.bench.cluster import measured_cluster
-from proxy_patterns.plugins.dask import (
-    PLUGIN_NAME,
-    DaskProxyPlugin,
-    register,
-    unregister,
-)
-from proxy_patterns.proxy import OpaqueProxy, key_of, proxy
-from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector
-from proxy_patterns.store import count_keys, get_store
-
-from .dask_helpers import (
+from dask_helpers import (
     CountingFactory,
     MiB,
     PausesProxyingPass,
@@ -70,6 +59,16 @@ from .dask_helpers import (
     total,
     wait_until,
 )
+from proxy_patterns.bench.cluster import measured_cluster
+from proxy_patterns.plugins.dask import (
+    PLUGIN_NAME,
+    DaskProxyPlugin,
+    register,
+    unregister,
+)
+from proxy_patterns.proxy import OpaqueProxy, key_of, proxy
+from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector
+from proxy_patterns.store import count_keys, get_store
 
 pytestmark = pytest.mark.timeout(120)
 

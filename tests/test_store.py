@@ -19,6 +19,7 @@ import pytest
 from proxystore.proxy import Proxy, extract
 from proxystore.store import Store
 
+from conftest import assert_empty_and_close
 from proxy_patterns import shm
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import (
@@ -28,8 +29,6 @@ from proxy_patterns.shm import (
     StoreCapacityError,
 )
 from proxy_patterns.store import connector_from_spec, count_keys, get_store, put
-
-from .conftest import assert_empty_and_close
 
 
 def _segments(directory: str) -> list[str]:
