@@ -70,6 +70,7 @@ def measured_cluster(
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=tmp,  # not the caller's: `python -m` would import a source tree found there
         )
         workers = None
         try:
@@ -94,6 +95,7 @@ def measured_cluster(
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                cwd=tmp,
             )
             with Client(address, timeout=timeout) as client:
                 client.wait_for_workers(n_workers, timeout=timeout)
