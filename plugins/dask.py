@@ -47,14 +47,14 @@ from dask._task_spec import GraphNode
 from dask.base import annotate, normalize_token, tokenize
 from dask.highlevelgraph import HighLevelGraph, Layer
 from dask.sizeof import sizeof
-from distributed import Client, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
+from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
 from distributed.protocol import pickle as dask_pickle
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from proxystore.proxy import Proxy, get_factory
 from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import is_proxy, key_of, proxy, resolve_proxies
+from proxy_patterns.proxy import held, is_proxy, key_of, proxy, resolve_proxies
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -155,10 +155,17 @@ class DaskProxyPlugin:
     tasks, or equal objects, are put once), and the two wrapped client methods.
     """
 
-    def __init__(self, client: Client, policy: ProxyPolicy, store_spec: str | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        policy: ProxyPolicy,
+        store_spec: str | None,
+        resolve_results: bool = True,
+    ) -> None:
         self.client = client
         self.policy = policy
         self.store_spec = store_spec
+        self.resolve_results = resolve_results
         self.store = get_store(store_spec)
         self._lock = threading.Lock()
         self._by_token: dict[str, Any] = {}
@@ -285,7 +292,34 @@ class DaskProxyPlugin:
 
     async def _gather_resolved(self, futures: Any, *args: Any, **kwargs: Any) -> Any:
         result = await self._gather(futures, *args, **kwargs)
+        if not self.resolve_results:
+            return self._held_results(futures, result)
         return resolve_proxies(result, depth=self.policy.max_depth + 2)
+
+    def _held_results(self, futures: Any, result: Any) -> Any:
+        """Lazy results: each proxy holds the future of the task that owns its key.
+
+        ``compute()`` drops its futures right after gathering; a proxy handed out without its
+        future could be evicted before it is used. Structures other than a future or a list
+        or tuple of futures are resolved, as by default.
+        """
+        if isinstance(futures, Future):
+            return self._hold(result, futures, self.policy.max_depth + 1)
+        if type(futures) in (list, tuple) and all(isinstance(f, Future) for f in futures):
+            return type(futures)(
+                self._hold(r, f, self.policy.max_depth + 1)
+                for r, f in zip(result, futures, strict=True)
+            )
+        return resolve_proxies(result, depth=self.policy.max_depth + 2)
+
+    def _hold(self, obj: Any, future: Future[Any], depth: int) -> Any:
+        if is_proxy(obj):
+            return held(obj, future)
+        if depth <= 0 or type(obj) not in (list, tuple, dict):
+            return obj
+        if type(obj) is dict:
+            return {k: self._hold(v, future, depth - 1) for k, v in obj.items()}
+        return type(obj)(self._hold(v, future, depth - 1) for v in obj)
 
     # --- user-facing -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -500,13 +534,13 @@ _registered: weakref.WeakKeyDictionary[Client, DaskProxyPlugin] = weakref.WeakKe
 
 
 def _prepare(
-    client: Client, threshold: int | str | None, store: str | None
+    client: Client, threshold: int | str | None, store: str | None, resolve_results: bool = True
 ) -> tuple[DaskProxyPlugin, ProxySchedulerPlugin, ProxyWorkerPlugin]:
     if client in _registered:
         raise ValueError(f"proxy-patterns is already registered on {client}")
     policy = _configured_policy(threshold)
     spec = _configured_store(store)
-    plugin = DaskProxyPlugin(client, policy, spec)
+    plugin = DaskProxyPlugin(client, policy, spec, resolve_results)
     return plugin, ProxySchedulerPlugin(spec), ProxyWorkerPlugin(policy, spec)
 
 
@@ -517,7 +551,11 @@ def _install(client: Client, plugin: DaskProxyPlugin) -> DaskProxyPlugin:
 
 
 def register(
-    client: Client, threshold: int | str | None = None, store: str | None = None
+    client: Client,
+    threshold: int | str | None = None,
+    store: str | None = None,
+    *,
+    resolve_results: bool = True,
 ) -> DaskProxyPlugin:
     """Proxy every task argument and result above ``threshold`` for ``client``'s graphs.
 
@@ -527,11 +565,14 @@ def register(
             default ``proxy-patterns.threshold``.
         store: Store spec (``shm``, ``redis://host:port``, ...); default
             ``proxy-patterns.store``, else ``$PROXY_PATTERNS_STORE``, else ``shm``.
+        resolve_results: ``result()``, ``gather`` and ``compute`` return real objects (default);
+            with False, large results come back as proxies, resolved on first use, that keep
+            their task's key alive while they live.
 
     Returns:
         The client side of the plugin (see :meth:`DaskProxyPlugin.stats`).
     """
-    plugin, on_scheduler, on_workers = _prepare(client, threshold, store)
+    plugin, on_scheduler, on_workers = _prepare(client, threshold, store, resolve_results)
     client.register_plugin(on_scheduler, name=PLUGIN_NAME)
     client.register_plugin(on_workers, name=PLUGIN_NAME)
     return _install(client, plugin)

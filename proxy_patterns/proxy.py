@@ -91,6 +91,26 @@ class OpaqueProxy(Proxy[T]):
         return self.__reduce__()
 
 
+class HeldProxy(OpaqueProxy[T]):
+    """An :class:`OpaqueProxy` that keeps an object alive for as long as it lives.
+
+    A plugin returns one to a user who asked for lazy results: it holds the framework future
+    whose task owns the key, so the key cannot be evicted while the proxy can still be used.
+    Pickled, it is a plain OpaqueProxy (the hold stays in this process).
+    """
+
+    __slots__ = ("__proxy_holds__",)
+
+
+def held(p: Proxy[T], holds: object) -> HeldProxy[T]:
+    """A :class:`HeldProxy` resolving like ``p``, holding ``holds``."""
+    copy: HeldProxy[T] = HeldProxy(get_factory(p))
+    for name in ("__proxy_default_class__", "__proxy_default_hash__"):
+        object.__setattr__(copy, name, object.__getattribute__(p, name))
+    object.__setattr__(copy, "__proxy_holds__", holds)
+    return copy
+
+
 def is_proxy(obj: object) -> bool:
     """Whether ``obj`` is a proxy, decided from its real type so that it is never resolved."""
     return issubclass(type(obj), Proxy)

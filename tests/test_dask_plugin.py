@@ -66,7 +66,7 @@ from proxy_patterns.plugins.dask import (
     register,
     unregister,
 )
-from proxy_patterns.proxy import OpaqueProxy, key_of, proxy
+from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector
 from proxy_patterns.store import count_keys, get_store
 
@@ -824,3 +824,21 @@ def test_registered_once_per_client(env: Env) -> None:
     assert PLUGIN_NAME in env.client.run_on_scheduler(
         lambda dask_scheduler: list(dask_scheduler.plugins)
     )
+
+
+def test_lazy_results_are_proxies_that_keep_their_key(env: Env) -> None:
+    """``resolve_results=False``: results come back as proxies, resolved on first use; each
+    holds its task's future, so the key outlives ``compute()`` dropping its futures."""
+    unregister(env.client)
+    register(env.client, threshold=THRESHOLD, store=env.spec, resolve_results=False)
+    n = 2 * MiB // 8
+    f = env.client.submit(filled, n, 3.0)
+    lazy = f.result()
+    assert is_proxy(lazy) and not lazy.__proxy_resolved__
+    (computed,) = dask.compute(dask.delayed(filled)(n, 5.0))  # its futures are gone already
+    del f
+    gc.collect()
+    assert env.keys() == 2  # both keys held by the proxies alone
+    assert float(lazy.sum()) == 3.0 * n and float(computed[0]) == 5.0
+    del lazy, computed
+    env.wait_empty()
