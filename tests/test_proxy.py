@@ -9,22 +9,12 @@ from typing import Any
 import numpy as np
 from proxystore.store import Store
 
+from dask_helpers import CountingFactory
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
 
 
-class _CountingFactory:
-    """A factory that records how often it is asked for its value."""
-
-    def __init__(self, value: Any) -> None:
-        self.value, self.calls = value, 0
-
-    def __call__(self) -> Any:
-        self.calls += 1
-        return self.value
-
-
-def _unresolved(value: Any) -> tuple[OpaqueProxy[Any], _CountingFactory]:
-    factory = _CountingFactory(value)
+def _unresolved(value: Any) -> tuple[OpaqueProxy[Any], CountingFactory]:
+    factory = CountingFactory(value)
     p: OpaqueProxy[Any] = OpaqueProxy(factory, cache_defaults=True, target=value)
     del p.__proxy_wrapped__
     return p, factory

@@ -17,8 +17,10 @@ processes runs it, with enough threads that every task of the chain can be runni
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,10 @@ def run_pipelined(client: Any, fraction: float, n: int, seconds: float, nbytes: 
     return elapsed
 
 
+def _run_pipelined_for(client: Any, fraction: float, n: int, nbytes: int, seconds: float) -> float:
+    return run_pipelined(client, fraction, n, seconds, nbytes)
+
+
 def _cluster(n: int) -> Any:
     from distributed import LocalCluster
 
@@ -114,31 +120,26 @@ def measure(
     from proxy_patterns.plugins.dask import register
 
     progress = tqdm(total=2 * repeats + len(fractions) * repeats, desc="bench pipelining")
+
+    def median(run: Callable[[float], float]) -> float:
+        """Median makespan of ``run(seconds)`` after an untimed warm-up ``run(0)``."""
+        run(0.0)
+        times = []
+        for _ in range(repeats):
+            times.append(run(seconds))
+            progress.update()
+        return statistics.median(times)
+
     results: dict[str, Any] = {}
     with _cluster(n) as cluster, Client(cluster) as client:
-        run_sequential(client, n, 0.0, nbytes)  # warm-up
-        times = []
-        for _ in range(repeats):
-            times.append(run_sequential(client, n, seconds, nbytes))
-            progress.update()
-        results["sequential"] = statistics.median(times)
-        pipelined = {}
-        for fraction in fractions:
-            run_pipelined(client, fraction, n, 0.0, nbytes)  # warm-up
-            times = []
-            for _ in range(repeats):
-                times.append(run_pipelined(client, fraction, n, seconds, nbytes))
-                progress.update()
-            pipelined[fraction] = statistics.median(times)
-        results["pipelined"] = pipelined
+        results["sequential"] = median(lambda s: run_sequential(client, n, s, nbytes))
+        results["pipelined"] = {
+            f: median(functools.partial(_run_pipelined_for, client, f, n, nbytes))
+            for f in fractions
+        }
     with _cluster(n) as cluster, Client(cluster) as client:
         register(client)
-        run_sequential(client, n, 0.0, nbytes)  # warm-up
-        times = []
-        for _ in range(repeats):
-            times.append(run_sequential(client, n, seconds, nbytes))
-            progress.update()
-        results["sequential + proxies"] = statistics.median(times)
+        results["sequential + proxies"] = median(lambda s: run_sequential(client, n, s, nbytes))
     progress.close()
     return results
 
