@@ -28,7 +28,7 @@ def _table_rows(output: str) -> list[list[str]]:
 def test_demo_moves_nothing_through_the_scheduler_and_leaves_no_keys() -> None:
     output = _run("demo", "--size-mb", "8", "--tasks", "3")
     rows = {row[0]: row for row in _table_rows(output)}
-    plain, proxied = rows["plain Dask"], rows["Dask + proxy-patterns store"]
+    plain, proxied = rows["plain Dask"], rows["Dask + proxy-patterns plugin"]
     # 3 arguments of 8 MB and one fetched result pass through the scheduler without proxies.
     assert float(plain[2]) > 30
     assert float(proxied[2]) < 0.5
