@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 
 def _run(*args: str) -> str:
+    # Outside the repository: `python -m` would import its source tree, which does not hold
+    # the plugins/ subpackage the way an installed copy does.
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", *args],
+        cwd=tempfile.gettempdir(),
         capture_output=True,
         text=True,
         timeout=300,
