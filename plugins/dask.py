@@ -14,12 +14,13 @@ Three parts, each on the Dask hook made for its side:
   bytes); ``_gather`` resolves proxies in results, so users get real objects.
 * **workers** — a ``WorkerPlugin`` replaces each large result in ``worker.data`` by a proxy
   right after the task finishes: dependents elsewhere receive the proxy, not the bytes.
-* **scheduler** — a ``SchedulerPlugin`` owns every key the plugin created. An argument key
-  belongs to the tasks of the graph that carried it (sent as a task annotation), a result key
-  to its task; when Dask forgets those tasks the key is evicted. Argument keys are deduplicated
-  by the client (an object passed to many ``submit`` calls is put once), so the client, not the
-  scheduler, evicts them: the scheduler reports a key idle together with the number of graphs
-  it has seen carrying it, and the client evicts only if it has sent no newer graph with it.
+* **scheduler** — a ``SchedulerPlugin`` owns every key the plugin created. A key is held by
+  the tasks of every graph that carried it (sent as a task annotation) and by every task whose
+  result contains it (reported by the worker); when the last holder is forgotten or released,
+  the key is evicted. Argument keys are deduplicated by the client by content (an object passed
+  to many ``submit`` calls is put once), so the scheduler hands an idle argument key back to
+  its client, which evicts it unless a graph being submitted or a future it holds still
+  carries it.
 
 Configuration: ``dask.config`` keys ``proxy-patterns.threshold`` (default ``1 MiB``) and
 ``proxy-patterns.store`` (a store spec, default ``$PROXY_PATTERNS_STORE`` or ``shm``), also as
