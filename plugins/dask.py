@@ -31,6 +31,8 @@ the ``distributed.client.preload`` config (clients).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import pickle
 import threading
@@ -55,7 +57,7 @@ from proxystore.proxy import Proxy, get_factory
 from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import held, is_proxy, key_of, proxy, resolve_proxies
+from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -305,22 +307,13 @@ class DaskProxyPlugin:
         or tuple of futures are resolved, as by default.
         """
         if isinstance(futures, Future):
-            return self._hold(result, futures, self.policy.max_depth + 1)
+            return map_proxies(result, lambda p: held(p, futures), self.policy.max_depth + 1)
         if type(futures) in (list, tuple) and all(isinstance(f, Future) for f in futures):
             return type(futures)(
-                self._hold(r, f, self.policy.max_depth + 1)
+                map_proxies(r, functools.partial(held, holds=f), self.policy.max_depth + 1)
                 for r, f in zip(result, futures, strict=True)
             )
         return resolve_proxies(result, depth=self.policy.max_depth + 2)
-
-    def _hold(self, obj: Any, future: Future[Any], depth: int) -> Any:
-        if is_proxy(obj):
-            return held(obj, future)
-        if depth <= 0 or type(obj) not in (list, tuple, dict):
-            return obj
-        if type(obj) is dict:
-            return {k: self._hold(v, future, depth - 1) for k, v in obj.items()}
-        return type(obj)(self._hold(v, future, depth - 1) for v in obj)
 
     # --- user-facing -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -336,14 +329,16 @@ def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
 
 def _keys_of_proxies(obj: Any, depth: int) -> list[Any]:
     """Store keys of the store proxies in ``obj`` and its containers (to ``depth``)."""
-    if is_proxy(obj):
-        factory = get_factory(obj)
-        return [factory.key] if isinstance(factory, StoreFactory) else []
-    cls = type(obj)
-    if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
-        return []
-    values = obj.values() if issubclass(cls, dict) else obj
-    return [key for v in values for key in _keys_of_proxies(v, depth - 1)]
+    keys: list[Any] = []
+
+    def collect(p: Proxy[Any]) -> Proxy[Any]:
+        factory = get_factory(p)
+        if isinstance(factory, StoreFactory):
+            keys.append(factory.key)
+        return p
+
+    map_proxies(obj, collect, depth)
+    return keys
 
 
 def _dispatched_types() -> tuple[type, ...]:
@@ -377,11 +372,8 @@ class ProxyWorkerPlugin(WorkerPlugin):
         self.worker = worker
         owner = await getattr(worker.scheduler, OWNER_HANDLER)()
         self.store = get_store(spec_owned_by(self.store_spec, owner))
-        self.results_policy = ProxyPolicy(
-            self.policy.threshold,
-            include=self.policy.include,
-            exclude=(*self.policy.exclude, *_dispatched_types()),
-            max_depth=self.policy.max_depth,
+        self.results_policy = dataclasses.replace(
+            self.policy, exclude=(*self.policy.exclude, *_dispatched_types())
         )
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:

@@ -139,22 +139,28 @@ def key_of(p: Proxy[Any]) -> Any:
     return cast(StoreFactory[Any, Any], get_factory(p)).key
 
 
-def resolve_proxies(obj: Any, depth: int) -> Any:
-    """``obj`` with every proxy in it, and in its lists, tuples and dicts to ``depth``, resolved.
+def map_proxies(obj: Any, fn: Callable[[Proxy[Any]], Any], depth: int) -> Any:
+    """``obj`` with every proxy in it, and in its lists, tuples and dicts to ``depth``, replaced
+    by ``fn(proxy)``.
 
-    Containers are rebuilt with their own type (namedtuples, dict subclasses) when a proxy
-    inside was resolved, and returned as they are otherwise.
+    Containers are rebuilt with their own type (namedtuples, dict subclasses) when something
+    inside was replaced, and returned as they are otherwise.
     """
     from proxy_patterns.policy import rebuild_container
 
     if is_proxy(obj):
-        return extract(obj)
+        return fn(obj)
     cls = type(obj)
     if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
         return obj
     is_dict = issubclass(cls, dict)
     values = list(obj.values()) if is_dict else list(obj)
-    resolved = [resolve_proxies(v, depth - 1) for v in values]
-    if all(new is old for new, old in zip(resolved, values, strict=True)):
+    mapped = [map_proxies(v, fn, depth - 1) for v in values]
+    if all(new is old for new, old in zip(mapped, values, strict=True)):
         return obj
-    return rebuild_container(cls, dict(zip(obj, resolved, strict=True)) if is_dict else resolved)
+    return rebuild_container(cls, dict(zip(obj, mapped, strict=True)) if is_dict else mapped)
+
+
+def resolve_proxies(obj: Any, depth: int) -> Any:
+    """``obj`` with every proxy in it (and in its containers, to ``depth``) resolved."""
+    return map_proxies(obj, extract, depth)

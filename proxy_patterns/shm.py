@@ -187,11 +187,8 @@ class SharedMemoryConnector:
         Publishing links rather than renames, so it fails if ``name`` exists: every key is
         written at most once, even by racing processes.
         """
-        free = _free_bytes(self.directory)
-        if nbytes > free:
-            raise StoreCapacityError(
-                f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
-            )
+        if nbytes > _free_bytes(self.directory):
+            raise self._capacity_error(nbytes)
         final = os.path.join(self.directory, name)
         tmp = f"{final}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -209,15 +206,18 @@ class SharedMemoryConnector:
             raise KeyExistsError(f"key {name!r} is already set in {self.directory}") from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                free = _free_bytes(self.directory)
-                raise StoreCapacityError(
-                    f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
-                ) from e
+                raise self._capacity_error(nbytes) from e
             raise
         finally:
             os.close(fd)
             _unlink(tmp)
         return SharedMemoryKey(name, nbytes)
+
+    def _capacity_error(self, nbytes: int) -> StoreCapacityError:
+        free = _free_bytes(self.directory)
+        return StoreCapacityError(
+            f"cannot put {nbytes} bytes in {self.directory}: only {free} bytes are free"
+        )
 
     def new_key(self, obj: BytesLike | None = None) -> SharedMemoryKey:
         """A fresh key whose object is written later by :meth:`set` (in any process).

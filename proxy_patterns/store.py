@@ -18,6 +18,7 @@ each proxy: a worker that receives a proxy of a store it has never seen re-creat
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
@@ -124,3 +125,12 @@ def count_keys(store: Store[Any]) -> int:
     if redis_client is not None:
         return int(redis_client.dbsize())
     raise TypeError(f"cannot count the keys of a {type(connector).__name__}")
+
+
+def keys_left_after_eviction(store: Store[Any], timeout: float = 30) -> int:
+    """Keys in ``store`` once pending evictions are done (they follow the framework
+    asynchronously), or after ``timeout`` seconds if some never are."""
+    deadline = time.monotonic() + timeout
+    while (left := count_keys(store)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

@@ -98,15 +98,6 @@ WORKLOADS = [
 ]
 
 
-def _wait_empty(store: Any, timeout: float = 30) -> int:
-    from proxy_patterns.store import count_keys
-
-    deadline = time.monotonic() + timeout
-    while (left := count_keys(store)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
 def measure_mode(
     store_spec: str | None, inputs: dict[str, Any], repeats: int, progress: Any
 ) -> dict[str, tuple[float, int]]:
@@ -114,7 +105,7 @@ def measure_mode(
     from distributed import Client, LocalCluster
 
     from proxy_patterns.plugins.dask import register
-    from proxy_patterns.store import get_store
+    from proxy_patterns.store import get_store, keys_left_after_eviction
 
     results: dict[str, tuple[float, int]] = {}
     with (
@@ -130,14 +121,14 @@ def measure_mode(
         for workload in WORKLOADS:
             workload.run(client, inputs[workload.name])  # warm-up: first touch of VM memory
             if store is not None:
-                _wait_empty(store)
+                keys_left_after_eviction(store)
             times, left = [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
                 out = workload.run(client, inputs[workload.name])
                 times.append(time.perf_counter() - start)
                 del out
-                left = _wait_empty(store) if store is not None else 0
+                left = keys_left_after_eviction(store) if store is not None else 0
                 progress.update()
             results[workload.name] = (statistics.median(times), left)
     return results

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from proxy_patterns.bench.report import print_table
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import get_store, keys_left_after_eviction
 
 
 def transform(x: np.ndarray) -> np.ndarray:
@@ -35,14 +35,6 @@ def workload(client: Any, arrays: list[np.ndarray]) -> tuple[float, np.ndarray]:
     result = client.submit(total, futures, pure=False).result()
     first = futures[0].result()
     return result, first
-
-
-def _keys_left(store: Any, timeout: float = 30) -> int:
-    """Keys in the store once eviction (asynchronous, after the futures are released) is done."""
-    deadline = time.monotonic() + timeout
-    while (left := count_keys(store)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
 
 
 def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -> None:
@@ -85,7 +77,14 @@ def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -
                     np.isclose(outcome[0], expected[0]) and np.array_equal(outcome[1], expected[1])
                 ):
                     raise AssertionError("proxied workflow returned a different result")
-                rows.append([mode, f"{elapsed:.2f}", f"{read / 1e6:.2f}", str(_keys_left(store))])
+                rows.append(
+                    [
+                        mode,
+                        f"{elapsed:.2f}",
+                        f"{read / 1e6:.2f}",
+                        str(keys_left_after_eviction(store)),
+                    ]
+                )
                 progress.update()
     speedup = float(rows[0][1]) / float(rows[1][1])
     print(
