@@ -32,7 +32,6 @@ the ``distributed.client.preload`` config (clients).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import pickle
 import threading
@@ -300,19 +299,22 @@ class DaskProxyPlugin:
         return resolve_proxies(result, depth=self.policy.max_depth + 2)
 
     def _held_results(self, futures: Any, result: Any) -> Any:
-        """Lazy results: each proxy holds the future of the task that owns its key.
+        """Lazy results: each proxy holds a future on the key of the task that made it.
 
-        ``compute()`` drops its futures right after gathering; a proxy handed out without its
-        future could be evicted before it is used. Structures other than a future or a list
-        or tuple of futures are resolved, as by default.
+        ``compute()`` releases its futures explicitly right after gathering, so each proxy
+        holds a future of its own (a new reference the client counts). ``futures`` is walked
+        alongside ``result`` through lists, tuples and dicts, as ``gather`` packs them; the
+        results of anything else are resolved, as by default.
         """
         if isinstance(futures, Future):
-            return map_proxies(result, lambda p: held(p, futures), self.policy.max_depth + 1)
-        if type(futures) in (list, tuple) and all(isinstance(f, Future) for f in futures):
+            own: Future[Any] = Future(futures.key, self.client)
+            return map_proxies(result, lambda p: held(p, own), self.policy.max_depth + 1)
+        if type(futures) in (list, tuple):
             return type(futures)(
-                map_proxies(r, functools.partial(held, holds=f), self.policy.max_depth + 1)
-                for r, f in zip(result, futures, strict=True)
+                self._held_results(f, r) for f, r in zip(futures, result, strict=True)
             )
+        if type(futures) is dict:
+            return {k: self._held_results(f, result[k]) for k, f in futures.items()}
         return resolve_proxies(result, depth=self.policy.max_depth + 2)
 
     # --- user-facing -------------------------------------------------------------------

@@ -835,10 +835,13 @@ def test_lazy_results_are_proxies_that_keep_their_key(env: Env) -> None:
     f = env.client.submit(filled, n, 3.0)
     lazy = f.result()
     assert is_proxy(lazy) and not lazy.__proxy_resolved__
+    assert is_proxy(env.client.gather({"a": f})["a"])  # gather's dicts are walked too
     (computed,) = dask.compute(dask.delayed(filled)(n, 5.0))  # its futures are gone already
     del f
     gc.collect()
-    assert env.keys() == 2  # both keys held by the proxies alone
+    # compute() released its futures; give the release time to reach the scheduler and an
+    # idle key time to be evicted, then check both keys are still held by the proxies alone.
+    assert not poll_for(lambda: env.keys() != 2, timeout=1.0)
     assert float(lazy.sum()) == 3.0 * n and float(computed[0]) == 5.0
     del lazy, computed
     env.wait_empty()
