@@ -244,7 +244,7 @@ class _LeaseRenewer:
                     self.discard(client, name)
 
 
-_leases = _LeaseRenewer()
+lease_renewer = _LeaseRenewer()
 
 
 class RedisRendezvous:
@@ -268,7 +268,7 @@ class RedisRendezvous:
     def set_once(self, key: Any, frames: Frames) -> bool:
         if not self.client.set(key.redis_key, bytes(frames.join()), nx=True):
             return False
-        _leases.discard(self.client, self._claim_name(key))
+        lease_renewer.discard(self.client, self._claim_name(key))
         self.client.delete(self._claim_name(key))
         self.client.publish(self._channel(key), b"set")
         return True
@@ -279,7 +279,7 @@ class RedisRendezvous:
     def claim(self, key: Any) -> None:
         name = self._claim_name(key)
         self.client.set(name, process_tag(), px=int(LEASE * 1000))
-        _leases.add(self.client, name)
+        lease_renewer.add(self.client, name)
 
     def wait(self, key: Any, timeout: float | None) -> bool:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
@@ -296,5 +296,5 @@ class RedisRendezvous:
             pubsub.close()
 
     def forget(self, key: Any) -> None:
-        _leases.discard(self.client, self._claim_name(key))
+        lease_renewer.discard(self.client, self._claim_name(key))
         self.client.delete(key.redis_key, self._claim_name(key))

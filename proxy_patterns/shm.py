@@ -26,6 +26,7 @@ import errno
 import mmap
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -66,6 +67,12 @@ def start_time(pid: int) -> str | None:
         return None
     # Field 22; the command name (field 2) may contain spaces, so count after its ')'.
     return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def tag_alive(tag: str) -> bool:
+    """Whether the process a :func:`process_tag` names still exists (pids may be reused)."""
+    pid, _, start = tag.partition("-")
+    return pid.isdigit() and start_time(int(pid)) == start
 
 
 _process_tags: dict[int, str] = {}
@@ -116,16 +123,54 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+REFS_SUFFIX = ".refs"
+"""A segment's reference record is the directory ``<segment>.refs`` beside it."""
+
+
+def holder_tag(holder: str) -> str:
+    """The :func:`process_tag` in a reference holder's name (``kind.tag.token``)."""
+    return holder.split(".")[1] if holder.count(".") == 2 else ""
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
 def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
-    """Remove segments whose creating process no longer exists; return their names."""
+    """Remove segments whose creating process no longer exists; return their names.
+
+    A segment with a reference record (a ``.refs`` directory, see
+    :mod:`proxy_patterns.ownership`) lives as long as a process named in its record does,
+    whoever created it; it is removed with its record once none does.
+    """
     removed = []
-    for name in os.listdir(directory):
+    names = set(os.listdir(directory))
+    for name in names:
         if not name.startswith(SEGMENT_PREFIX):
             continue
-        pid, _, rest = name[len(SEGMENT_PREFIX) :].partition("-")
-        if not pid.isdigit() or start_time(int(pid)) == rest.partition("-")[0]:
+        if name.endswith(REFS_SUFFIX):  # a record whose segment is gone (or not yet written)
+            if name.removesuffix(REFS_SUFFIX) not in names and not any(
+                tag_alive(holder_tag(h)) for h in _listdir(os.path.join(directory, name))
+            ):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
             continue
-        _unlink(os.path.join(directory, name))
+        refs = os.path.join(directory, name + REFS_SUFFIX)
+        if name + REFS_SUFFIX in names:
+            alive = any(tag_alive(holder_tag(h)) for h in _listdir(refs))
+        else:
+            pid, _, rest = name[len(SEGMENT_PREFIX) :].partition("-")
+            alive = tag_alive(f"{pid}-{rest.partition('-')[0]}")
+        if alive:
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):  # a record being built when its process died
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
+        shutil.rmtree(refs, ignore_errors=True)
         removed.append(name)
     return removed
 
@@ -286,6 +331,14 @@ class SharedMemoryConnector:
         """Unlink the segment; existing views on it stay valid until they are dropped."""
         path = self.path(key)
         _unlink(path)
+        with self._lock:
+            self._created.discard(path)
+        _created.discard(path)
+
+    def detach(self, key: SharedMemoryKey) -> None:
+        """Stop removing ``key``'s segment at close and exit: its lifetime is decided elsewhere
+        (by its reference record, :mod:`proxy_patterns.ownership`)."""
+        path = self.path(key)
         with self._lock:
             self._created.discard(path)
         _created.discard(path)

@@ -30,6 +30,9 @@ from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
 
 STORE_ENV = "PROXY_PATTERNS_STORE"
+LEASE_PREFIX = "proxy-patterns:lease:"
+"""Redis keys of process leases (see :mod:`proxy_patterns.ownership`): they say which
+processes are alive, they are not objects, and :func:`count_keys` does not count them."""
 DEFAULT_SPEC = "shm"
 
 
@@ -123,7 +126,9 @@ def count_keys(store: Store[Any]) -> int:
         return len(os.listdir(connector.store_dir)) if os.path.isdir(connector.store_dir) else 0
     redis_client = getattr(connector, "_redis_client", None)  # RedisConnector's client
     if redis_client is not None:
-        return int(redis_client.dbsize())
+        return sum(
+            not key.startswith(LEASE_PREFIX.encode()) for key in redis_client.scan_iter(count=1000)
+        )
     raise TypeError(f"cannot count the keys of a {type(connector).__name__}")
 
 

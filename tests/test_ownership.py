@@ -1,0 +1,234 @@
+"""Ownership: reference records kept with the store, counted across processes and threads."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from proxystore.store import Store
+
+from proxy_patterns.ownership import (
+    MutableBorrowError,
+    OwnedProxy,
+    ReferenceInvalidError,
+    RefProxy,
+    borrow,
+    clone,
+    holders,
+    mut_borrow,
+    owned,
+    owned_scope,
+    owned_task,
+    ref_table_for,
+    release,
+)
+from proxy_patterns.proxy import key_of
+from proxy_patterns.rendezvous import LEASE
+from proxy_patterns.store import count_keys
+
+pytestmark = pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
+
+
+def _hold_in_child(p: Any, conn: Any) -> None:
+    """Receive a reference (it moves here), report what the child sees, then wait."""
+    conn.send((type(p).__name__, float(np.sum(p)), holders(p)))
+    conn.recv()  # told to finish (or killed)
+    del p
+
+
+def _start_holder(p: Any) -> tuple[Any, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_hold_in_child, args=(p, child))
+    proc.start()
+    return proc, parent
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_owner_release_evicts_and_use_after_release_raises(store: Store[Any]) -> None:
+    p = owned(np.arange(10.0), store)
+    assert isinstance(p, np.ndarray)  # isinstance answers without resolving
+    assert float(p.sum()) == 45.0 and holders(p) == ["owner"] and count_keys(store) == 2
+    release(p)
+    assert count_keys(store) == 0  # the object and its record
+    with pytest.raises(ReferenceInvalidError, match=rf"owner reference to object .* released"):
+        p.sum()  # even though this process had resolved it
+    with pytest.raises(ReferenceInvalidError, match="released"):
+        release(p)  # double release is an error, never a negative count
+
+
+def test_borrows_keep_the_object_until_the_last_is_released(store: Store[Any]) -> None:
+    p = owned(np.ones(100), store)
+    r1, r2 = borrow(p), borrow(p)
+    assert isinstance(r1, RefProxy) and holders(p) == ["owner", "ref", "ref"]
+    release(p)  # the owner goes first: the borrows still hold the object
+    assert float(r1.sum()) == 100.0
+    r3 = borrow(r1)  # a borrow can be borrowed from
+    release(r1)
+    release(r2)
+    assert float(np.sum(r3)) == 100.0 and count_keys(store) == 2
+    del r3  # garbage collection releases too
+    gc.collect()
+    assert count_keys(store) == 0
+
+
+def test_mutable_borrow_is_exclusive(store: Store[Any]) -> None:
+    p = owned([1, 2, 3], store)
+    r = borrow(p)
+    with pytest.raises(MutableBorrowError, match="1 shared borrow"):
+        mut_borrow(p)
+    release(r)
+    m = mut_borrow(p)
+    with pytest.raises(MutableBorrowError, match="mutably borrowed"):
+        borrow(p)
+    with pytest.raises(MutableBorrowError, match="mutably borrowed"):
+        mut_borrow(p)
+    assert list(m) == [1, 2, 3]
+    release(m)
+    release(borrow(p))
+    release(p)
+    assert count_keys(store) == 0
+
+
+def test_clone_is_independent(store: Store[Any]) -> None:
+    p = owned({"a": 1}, store)
+    c = clone(p)
+    assert isinstance(c, OwnedProxy) and key_of(c) != key_of(p)
+    release(p)
+    assert c == {"a": 1}
+    release(c)
+    assert count_keys(store) == 0
+
+
+def test_pickling_moves_a_reference_once(store: Store[Any]) -> None:
+    p = owned(np.arange(4.0), store)
+    data = pickle.dumps(p)
+    with pytest.raises(ReferenceInvalidError, match="moved"):
+        p.sum()  # the sender gave it up
+    with pytest.raises(ReferenceInvalidError, match="moved"):
+        pickle.dumps(p)  # and cannot send it twice
+    received = pickle.loads(data)
+    assert isinstance(received, OwnedProxy) and float(received.sum()) == 6.0
+    assert holders(received) == ["owner"]
+    with pytest.raises(ReferenceInvalidError, match="received already"):
+        pickle.loads(data)  # a move is received once
+    del p  # a moved proxy's garbage collection releases nothing
+    gc.collect()
+    assert count_keys(store) == 2
+    release(received)
+    assert count_keys(store) == 0
+
+
+def test_borrows_from_two_processes_at_once_count(store: Store[Any]) -> None:
+    p = owned(np.full(1000, 2.0), store)
+    children = [_start_holder(borrow(p)) for _ in range(2)]  # each borrow moves to a child
+    for _, conn in children:
+        kind, total, seen = conn.recv()
+        assert kind == "RefProxy" and total == 2000.0
+    assert holders(p) == ["owner", "ref", "ref"]  # both children's borrows count here
+    release(p)
+    assert count_keys(store) == 2  # still borrowed by the children
+    for proc, conn in children:
+        conn.send("done")
+        proc.join(30)
+    # The children released their borrows when they exited; the last one evicted the object.
+    assert _wait_for(lambda: count_keys(store) == 0, timeout=5)
+
+
+def test_killed_borrower_does_not_pin_the_object(store: Store[Any]) -> None:
+    p = owned(np.ones(10), store)
+    proc, conn = _start_holder(borrow(p))
+    assert conn.recv()[0] == "RefProxy"
+    release(p)
+    assert count_keys(store) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # never releases its borrow
+    proc.join(30)
+    # Its lease expires (at once on shared memory, after LEASE seconds on Redis) and this
+    # process, which released its own reference while the child held one, evicts it.
+    assert _wait_for(lambda: count_keys(store) == 0, timeout=LEASE + 5)
+
+
+def test_eight_threads_borrowing_concurrently_lose_no_update(store: Store[Any]) -> None:
+    p = owned(np.zeros(10), store)
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for _ in range(25):
+                refs = [borrow(p) for _ in range(3)]
+                for r in refs:
+                    release(r)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and holders(p) == ["owner"]
+    release(p)
+    assert count_keys(store) == 0
+
+
+def test_owned_scope_releases_what_was_not_moved_out(store: Store[Any]) -> None:
+    with owned_scope() as scope:
+        dropped = owned(np.ones(10), store)
+        kept = owned(np.ones(10), store)
+        scope.keep(kept)
+        moved = pickle.dumps(owned(np.ones(10), store))
+        assert count_keys(store) == 6
+    assert count_keys(store) == 4  # `dropped` is gone; `kept` and the moved one stay
+    with pytest.raises(ReferenceInvalidError):
+        dropped.sum()
+    release(kept)
+    release(pickle.loads(moved))
+    assert count_keys(store) == 0
+
+
+@owned_task
+def _concatenate(a: Any, b: Any) -> Any:
+    made = owned(np.zeros(5), a.__proxy_factory__.get_store())  # released on return
+    return owned(np.concatenate([a, b, made]), a.__proxy_factory__.get_store())
+
+
+def test_owned_task_releases_its_arguments_but_not_its_result(store: Store[Any]) -> None:
+    keep = owned(np.ones(3), store)
+    given = owned(np.ones(2), store)
+    result = _concatenate(borrow(keep), given)  # `given` moves into the task
+    assert isinstance(result, OwnedProxy) and float(np.sum(result)) == 5.0
+    with pytest.raises(ReferenceInvalidError):
+        given.sum()
+    assert holders(keep) == ["owner"]  # the borrow was given back
+    assert count_keys(store) == 4  # `keep` and the result
+    release(keep)
+    release(result)
+    assert count_keys(store) == 0
+
+
+def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> None:
+    table = ref_table_for(store)
+
+    def broken(key: Any) -> str:
+        raise OSError("no room for the record")
+
+    monkeypatch.setattr(table, "create", broken)
+    with pytest.raises(OSError, match="no room"):
+        owned(np.ones(10), store)
+    assert count_keys(store) == 0
