@@ -12,8 +12,9 @@ store, so every process counts:
   released by :func:`release`, or when its proxy is garbage collected; the last release evicts
   the object. Releasing twice is an error, never a negative count.
 * Pickling a reference *moves* it: the process that unpickles it becomes its holder, and the
-  sender's proxy can no longer be used or sent again (``borrow()`` or ``clone()`` to send
-  more than once). Until it is received, a moved reference is held on the sender's lease.
+  sender's proxy can no longer be used. Every pickle of it names the same holder, which is
+  received once (``borrow()`` or ``clone()`` to send to more than one process). Until it is
+  received, a moved reference is held on the sender's lease.
 * Every holder carries a *lease*, the liveness of the process that holds it: the pid and
   start time on shared memory, an expiring key renewed by a background thread on Redis.
   Holders whose process died are dropped, so a killed worker never pins an object.
@@ -449,9 +450,14 @@ class _Reference:
             )
 
     def take(self, state: Literal["moved", "released"]) -> None:
-        """Give the holder up (checked): moved to another process, or released."""
+        """Give the holder up (checked): moved to another process, or released.
+
+        Moving again is allowed: serializers may pickle an object more than once (Dask
+        retries with cloudpickle), and every pickle names the same holder, received once.
+        """
         with self.lock:
-            self.check()
+            if not (state == "moved" == self.state):
+                self.check()
             self.state = state
         _held.discard(self)
         if state == "released":

@@ -15,10 +15,15 @@ User code that touches the value resolves it as usual.
 
 from __future__ import annotations
 
+import copyreg
+import functools
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from proxystore.proxy import Proxy, extract, get_factory
+from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
@@ -109,6 +114,28 @@ def held(p: Proxy[T], holds: object) -> HeldProxy[T]:
         object.__setattr__(copy, name, object.__getattribute__(p, name))
     object.__setattr__(copy, "__proxy_holds__", holds)
     return copy
+
+
+def _import_class(module: str, qualname: str) -> type:
+    return cast(type, getattr(importlib.import_module(module), qualname))
+
+
+@functools.cache
+def _reduce_proxy_class(cls: type) -> Any:
+    """Pickle a proxy *class* by reference to the module that really defines it.
+
+    Every ProxyStore proxy class reports ``__module__`` as ``proxystore.proxy`` (a property
+    that, on instances, forwards to the target), so pickle looks for our subclasses there
+    and fails. Frameworks pickle result types (Dask reports each result's type to its
+    scheduler), so they must pickle.
+    """
+    for name, module in list(sys.modules.items()):
+        if getattr(module, cls.__qualname__, None) is cls:
+            return _import_class, (name, cls.__qualname__)
+    return cls.__qualname__  # not a module attribute: pickle's own lookup and error
+
+
+copyreg.pickle(ProxyMetaType, _reduce_proxy_class)
 
 
 def is_proxy(obj: object) -> bool:

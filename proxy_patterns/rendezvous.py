@@ -119,15 +119,20 @@ def _wait_loop(
     return True
 
 
-class _DirectoryWatcher:
-    """One inotify watch per directory and process; wakes every waiter on any new file."""
+class DirectoryWatcher:
+    """One inotify watch per directory and process; wakes every waiter whenever a file is
+    created, linked, renamed into or deleted from it.
 
-    _IN_CREATE, _IN_MOVED_TO = 0x100, 0x80
-    _watchers: ClassVar[dict[str, _DirectoryWatcher]] = {}
+    ``changed`` is notified after each batch of events, and ``generation`` counts batches,
+    so a waiter can tell whether anything happened since it last looked.
+    """
+
+    _IN_CREATE, _IN_MOVED_TO, _IN_DELETE = 0x100, 0x80, 0x200
+    _watchers: ClassVar[dict[str, DirectoryWatcher]] = {}
     _lock = threading.Lock()
 
     @classmethod
-    def of(cls, directory: str) -> _DirectoryWatcher:
+    def of(cls, directory: str) -> DirectoryWatcher:
         with cls._lock:
             if directory not in cls._watchers:
                 cls._watchers[directory] = cls(directory)
@@ -136,11 +141,12 @@ class _DirectoryWatcher:
     def __init__(self, directory: str) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        mask = self._IN_CREATE | self._IN_MOVED_TO
+        mask = self._IN_CREATE | self._IN_MOVED_TO | self._IN_DELETE
         if self._fd < 0 or libc.inotify_add_watch(self._fd, directory.encode(), mask) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"cannot watch {directory}: {os.strerror(err)}")
         self.changed = threading.Condition()
+        self.generation = 0
         threading.Thread(target=self._run, name=f"watch {directory}", daemon=True).start()
 
     def _run(self) -> None:
@@ -152,6 +158,7 @@ class _DirectoryWatcher:
             except BlockingIOError:
                 pass
             with self.changed:
+                self.generation += 1
                 self.changed.notify_all()
 
 
@@ -193,7 +200,7 @@ class SharedMemoryRendezvous:
         return start_time(int(pid)) != start
 
     def wait(self, key: SharedMemoryKey, timeout: float | None) -> bool:
-        watcher = _DirectoryWatcher.of(self.connector.directory)
+        watcher = DirectoryWatcher.of(self.connector.directory)
         with watcher.changed:  # held between the existence check and the wait: no lost wake-up
             return _wait_loop(
                 key,

@@ -1,4 +1,4 @@
-"""Task functions and test objects for ``test_dask_plugin.py``.
+"""Task functions and test objects for the tests that run Dask clusters.
 
 They live in an importable module (not in the test module) so that worker and scheduler
 processes unpickle them by reference, whichever way the cluster was started.
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from proxy_patterns.ownership import owned, owned_task
 
 MiB = 2**20
 
@@ -194,3 +196,23 @@ class PausesProxyingPass:
         if _pickled_by_the_plugins_proxying_pass():
             self.pause()
         return int, (0,)
+
+
+# --- ownership (test_ownership.py) ----------------------------------------------------------
+@owned_task
+def held_sum(x: Any, seconds: float) -> float:
+    """Sum of ``x`` after ``seconds``; the task holds its (borrowed) argument meanwhile."""
+    time.sleep(seconds)
+    return float(np.sum(x))
+
+
+@owned_task
+def owned_ones(n: int) -> Any:
+    """An owned array made on the worker: it moves to whoever receives the result."""
+    return owned(np.ones(n))
+
+
+@owned_task
+def owned_head(*parts: Any) -> Any:
+    """Reduce owned arguments (released when the task returns) to a new owned array."""
+    return owned(np.concatenate(parts)[:10])

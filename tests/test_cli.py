@@ -50,6 +50,19 @@ def test_bench_store_prints_every_backend_and_plots(tmp_path: Path) -> None:
     assert plot.stat().st_size > 10_000
 
 
+def test_bench_memory_leaves_nothing_with_owned_and_graph_driven(tmp_path: Path) -> None:
+    plot = tmp_path / "memory.png"
+    output = _run("bench", "memory", "--quick", "--plot", str(plot))
+    rows = {row[0]: row for row in _table_rows(output)}
+    peak, left = 1, 3  # columns: peak store MB, left MB
+    assert float(rows["no proxies"][peak]) == 0
+    assert float(rows["default proxies"][left]) > 0  # never evicted: the leak the others fix
+    for mode in ("manual eviction", "owned", "graph-driven"):
+        assert float(rows[mode][left]) == 0 and rows[mode][left + 1] == "0", mode
+        assert 0 < float(rows[mode][peak]) < float(rows["default proxies"][left]), mode
+    assert plot.stat().st_size > 10_000
+
+
 def test_unknown_benchmark_is_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", "bench", "nope"], capture_output=True, text=True

@@ -92,9 +92,12 @@ def _purge(store: Store[Any]) -> None:
     connector = store.connector
     if isinstance(connector, SharedMemoryConnector):
         for name in os.listdir(connector.directory):
-            if name.startswith(SEGMENT_PREFIX):
+            path = os.path.join(connector.directory, name)
+            if name.startswith(SEGMENT_PREFIX) and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(SEGMENT_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(connector.directory, name))
+                    os.unlink(path)
     else:
         connector._redis_client.flushdb()  # type: ignore[attr-defined]
 

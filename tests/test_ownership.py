@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 from proxystore.store import Store
 
+from dask_helpers import held_sum, owned_head, owned_ones
 from proxy_patterns.ownership import (
     MutableBorrowError,
     OwnedProxy,
@@ -34,7 +36,7 @@ from proxy_patterns.proxy import key_of
 from proxy_patterns.rendezvous import LEASE
 from proxy_patterns.store import count_keys
 
-pytestmark = pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
+both_stores = pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
 
 
 def _hold_in_child(p: Any, conn: Any) -> None:
@@ -61,18 +63,20 @@ def _wait_for(predicate: Any, timeout: float) -> bool:
     return True
 
 
+@both_stores
 def test_owner_release_evicts_and_use_after_release_raises(store: Store[Any]) -> None:
     p = owned(np.arange(10.0), store)
     assert isinstance(p, np.ndarray)  # isinstance answers without resolving
     assert float(p.sum()) == 45.0 and holders(p) == ["owner"] and count_keys(store) == 2
     release(p)
     assert count_keys(store) == 0  # the object and its record
-    with pytest.raises(ReferenceInvalidError, match=rf"owner reference to object .* released"):
+    with pytest.raises(ReferenceInvalidError, match=r"owner reference to object .* released"):
         p.sum()  # even though this process had resolved it
     with pytest.raises(ReferenceInvalidError, match="released"):
         release(p)  # double release is an error, never a negative count
 
 
+@both_stores
 def test_borrows_keep_the_object_until_the_last_is_released(store: Store[Any]) -> None:
     p = owned(np.ones(100), store)
     r1, r2 = borrow(p), borrow(p)
@@ -88,6 +92,7 @@ def test_borrows_keep_the_object_until_the_last_is_released(store: Store[Any]) -
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_mutable_borrow_is_exclusive(store: Store[Any]) -> None:
     p = owned([1, 2, 3], store)
     r = borrow(p)
@@ -106,6 +111,7 @@ def test_mutable_borrow_is_exclusive(store: Store[Any]) -> None:
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_clone_is_independent(store: Store[Any]) -> None:
     p = owned({"a": 1}, store)
     c = clone(p)
@@ -116,18 +122,18 @@ def test_clone_is_independent(store: Store[Any]) -> None:
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_pickling_moves_a_reference_once(store: Store[Any]) -> None:
     p = owned(np.arange(4.0), store)
     data = pickle.dumps(p)
     with pytest.raises(ReferenceInvalidError, match="moved"):
         p.sum()  # the sender gave it up
-    with pytest.raises(ReferenceInvalidError, match="moved"):
-        pickle.dumps(p)  # and cannot send it twice
+    again = pickle.dumps(p)  # serializers may pickle twice: the same move
     received = pickle.loads(data)
     assert isinstance(received, OwnedProxy) and float(received.sum()) == 6.0
     assert holders(received) == ["owner"]
     with pytest.raises(ReferenceInvalidError, match="received already"):
-        pickle.loads(data)  # a move is received once
+        pickle.loads(again)  # a move is received once
     del p  # a moved proxy's garbage collection releases nothing
     gc.collect()
     assert count_keys(store) == 2
@@ -135,12 +141,13 @@ def test_pickling_moves_a_reference_once(store: Store[Any]) -> None:
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_borrows_from_two_processes_at_once_count(store: Store[Any]) -> None:
     p = owned(np.full(1000, 2.0), store)
     children = [_start_holder(borrow(p)) for _ in range(2)]  # each borrow moves to a child
     for _, conn in children:
         kind, total, seen = conn.recv()
-        assert kind == "RefProxy" and total == 2000.0
+        assert kind == "RefProxy" and total == 2000.0 and {"owner", "ref"} <= set(seen)
     assert holders(p) == ["owner", "ref", "ref"]  # both children's borrows count here
     release(p)
     assert count_keys(store) == 2  # still borrowed by the children
@@ -151,6 +158,7 @@ def test_borrows_from_two_processes_at_once_count(store: Store[Any]) -> None:
     assert _wait_for(lambda: count_keys(store) == 0, timeout=5)
 
 
+@both_stores
 def test_killed_borrower_does_not_pin_the_object(store: Store[Any]) -> None:
     p = owned(np.ones(10), store)
     proc, conn = _start_holder(borrow(p))
@@ -164,6 +172,7 @@ def test_killed_borrower_does_not_pin_the_object(store: Store[Any]) -> None:
     assert _wait_for(lambda: count_keys(store) == 0, timeout=LEASE + 5)
 
 
+@both_stores
 def test_eight_threads_borrowing_concurrently_lose_no_update(store: Store[Any]) -> None:
     p = owned(np.zeros(10), store)
     errors: list[BaseException] = []
@@ -187,6 +196,7 @@ def test_eight_threads_borrowing_concurrently_lose_no_update(store: Store[Any]) 
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_owned_scope_releases_what_was_not_moved_out(store: Store[Any]) -> None:
     with owned_scope() as scope:
         dropped = owned(np.ones(10), store)
@@ -208,6 +218,7 @@ def _concatenate(a: Any, b: Any) -> Any:
     return owned(np.concatenate([a, b, made]), a.__proxy_factory__.get_store())
 
 
+@both_stores
 def test_owned_task_releases_its_arguments_but_not_its_result(store: Store[Any]) -> None:
     keep = owned(np.ones(3), store)
     given = owned(np.ones(2), store)
@@ -222,6 +233,7 @@ def test_owned_task_releases_its_arguments_but_not_its_result(store: Store[Any])
     assert count_keys(store) == 0
 
 
+@both_stores
 def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> None:
     table = ref_table_for(store)
 
@@ -231,4 +243,29 @@ def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> 
     monkeypatch.setattr(table, "create", broken)
     with pytest.raises(OSError, match="no room"):
         owned(np.ones(10), store)
+    assert count_keys(store) == 0
+
+
+@pytest.mark.parametrize("store_spec", ["shm"], indirect=True)
+def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any) -> None:
+    """Borrows taken for tasks on two worker processes count while the tasks run; owned
+    results made on workers move to the client; arguments are released when tasks return."""
+    monkeypatch.setenv("PROXY_PATTERNS_STORE", store_spec)  # the workers' default store
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        p = owned(np.ones(1000), store)
+        running = [client.submit(held_sum, borrow(p), 1.5, pure=False) for _ in range(2)]
+        assert _wait_for(lambda: holders(p) == ["owner", "ref", "ref"], timeout=10)
+        assert client.gather(running) == [1000.0, 1000.0]
+        assert holders(p) == ["owner"]
+        release(p)
+
+        parts = [client.submit(owned_ones, 10**5, pure=False) for _ in range(4)]
+        head = client.submit(owned_head, *parts).result()
+        assert isinstance(head, OwnedProxy) and float(np.sum(head)) == 10.0
+        assert holders(head) == ["owner"]  # the parts were released by owned_head
+        release(head)
+        del running, parts
     assert count_keys(store) == 0

@@ -8,6 +8,7 @@ BENCHMARKS = {
     "store": "proxy_patterns.bench.store",
     "dask": "proxy_patterns.bench.dask_plugin",
     "pipelining": "proxy_patterns.bench.pipelining",
+    "memory": "proxy_patterns.bench.memory",
 }
 
 
