@@ -1,0 +1,80 @@
+"""Parsl apps for ``test_parsl_plugin.py``, in an importable module so that HTEX workers load
+them by reference (the test directory is on the workers' ``PYTHONPATH``, see conftest)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+from parsl import python_app
+
+from proxy_patterns.proxy import is_proxy
+
+HTEX = "htex"
+THREADS = "threads"
+
+
+@python_app(executors=[HTEX])
+def total(x: Any, *rest: Any) -> float:
+    """Sum of the first argument (the others are only carried along)."""
+    return float(np.sum(x))
+
+
+@python_app(executors=[HTEX])
+def received_as(x: Any) -> tuple[str, bool]:
+    """How the app received its argument: the class it claims, and whether it is a proxy."""
+    return x.__class__.__name__, is_proxy(x)
+
+
+@python_app(executors=[HTEX])
+def filled(n: int, value: float) -> np.ndarray:
+    return np.full(n, value)
+
+
+@python_app(executors=[HTEX])
+def double(x: Any) -> Any:
+    return x * 2.0
+
+
+@python_app(executors=[HTEX])
+def waits_for(x: Any, started: Any) -> float:
+    """Say it started, then touch ``x`` (a proxy of a future), which waits for the value."""
+    started.set_result(True)
+    return float(np.sum(x))
+
+
+@python_app(executors=[HTEX])
+def fails_once(x: Any, marker: str) -> float:
+    """Raise the first time (no ``marker`` file yet), succeed on the retry."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first attempt fails")
+    return float(np.sum(x))
+
+
+@python_app(executors=[HTEX], cache=True)
+def cached_total(x: Any) -> float:
+    return float(np.sum(x))
+
+
+@python_app(executors=[HTEX])
+def frame_rows(df: Any) -> int:
+    return len(df)
+
+
+@python_app(executors=[THREADS])
+def threads_received_as(x: Any) -> tuple[str, bool]:
+    return x.__class__.__name__, is_proxy(x)
+
+
+class Unpicklable:
+    """A large object that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        self.data = np.ones(2**20)
+        self.lock = threading.Lock()
+
+    def __sizeof__(self) -> int:
+        return int(self.data.nbytes)
