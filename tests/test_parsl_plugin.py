@@ -163,9 +163,9 @@ def test_a_retried_app_gets_its_arguments_again(
 
 def test_app_caching_hashes_a_proxy_by_key(dfk: DataFlowKernel, store: Any) -> None:
     f = filled(2 * MiB // 8, 2.0)
-    first = cached_total(f)
+    first = cached_total(f).result()
     again = cached_total(f)  # the same result proxy: a cache hit, found without resolving it
-    assert first.result() == again.result() == 2.0 * 2 * MiB // 8
+    assert first == again.result() == 2.0 * 2 * MiB // 8
     assert not f.result().__proxy_resolved__
     assert again.task_record["from_memo"]
     del f, first, again
