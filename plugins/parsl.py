@@ -41,6 +41,7 @@ from dask.base import tokenize
 from parsl.dataflow.memoization import id_for_memo
 from parsl.executors import ThreadPoolExecutor
 from parsl.executors.base import ParslExecutor
+from parsl.serialize.errors import SerializationError
 from proxystore.proxy import Proxy, get_factory
 from proxystore.store.factory import StoreFactory
 
@@ -168,17 +169,19 @@ class ParslProxyPlugin:
 
         map_proxies(value, hold, self.policy.max_depth + 1)
 
-    def _proxy_argument(self, value: Any, holders: list[tuple[Any, str]]) -> Any:
+    def _proxy_argument(
+        self, name: str, value: Any, holders: list[tuple[Any, str]], unstored: list[str]
+    ) -> Any:
+        """``value`` with its large parts proxied; one that cannot be put in the store is left
+        for Parsl to serialize (its serializer may manage), and noted in ``unstored``."""
         self._hold_passed_results(value, holders)
         try:
             return self.policy.apply(value, lambda obj: self._hold_argument(obj, holders))
         except ReferenceInvalidError:
             raise
         except Exception as e:
-            raise TypeError(
-                f"proxy-patterns could not put an argument of type {type(value).__name__} in "
-                f"store {self.store_spec!r}: {e}"
-            ) from e
+            unstored.append(f"argument {name} (a {type(value).__name__}): {e}")
+            return value
 
     def _drop(self, holders: list[tuple[Any, str]]) -> None:
         for key, holder in holders:
@@ -198,10 +201,21 @@ class ParslProxyPlugin:
         """Submit with large arguments as proxies; the returned future's result is a proxy
         when the app's result was large."""
         holders: list[tuple[Any, str]] = []
+        unstored: list[str] = []
         try:
-            args = tuple(self._proxy_argument(a, holders) for a in args)
-            kw = {name: self._proxy_argument(v, holders) for name, v in kw.items()}
-            inner = self._submit(self._app(func), resource_specification, *args, **kw)
+            args = tuple(
+                self._proxy_argument(str(i), a, holders, unstored) for i, a in enumerate(args)
+            )
+            kw = {name: self._proxy_argument(name, v, holders, unstored) for name, v in kw.items()}
+            try:
+                inner = self._submit(self._app(func), resource_specification, *args, **kw)
+            except SerializationError as e:
+                if not unstored:
+                    raise
+                reasons = "; ".join(unstored)
+                raise SerializationError(e.fname) from TypeError(
+                    f"proxy-patterns could not put {reasons} in store {self.store_spec!r}"
+                )
         except BaseException:
             self._drop(holders)  # nothing of a failed submission stays in the store
             raise

@@ -4,7 +4,6 @@ them by reference (the test directory is on the workers' ``PYTHONPATH``, see con
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -69,12 +68,17 @@ def threads_received_as(x: Any) -> tuple[str, bool]:
     return x.__class__.__name__, is_proxy(x)
 
 
-class Unpicklable:
-    """A large object that cannot be pickled (it holds a lock)."""
+class Large:
+    """A large object holding ``extra``, which decides whether it can be pickled."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Any) -> None:
         self.data = np.ones(2**20)
-        self.lock = threading.Lock()
+        self.extra = extra
 
     def __sizeof__(self) -> int:
         return int(self.data.nbytes)
+
+
+@python_app(executors=[HTEX])
+def large_total(x: Large) -> float:
+    return float(np.sum(x.data))

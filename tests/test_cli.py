@@ -63,6 +63,16 @@ def test_bench_memory_leaves_nothing_with_owned_and_graph_driven(tmp_path: Path)
     assert plot.stat().st_size > 10_000
 
 
+def test_bench_parsl_compares_plain_and_proxied_htex() -> None:
+    output = _run("bench", "parsl", "--quick")
+    rows = _table_rows(output)
+    assert [row[0][0] for row in rows] == ["a", "b", "c"]
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0
+        assert row[5] == "+0", "the interchange saw the bytes of proxied arguments"
+    assert "keys left in the store after DataFlowKernel.cleanup(): 0" in output
+
+
 def test_unknown_benchmark_is_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", "bench", "nope"], capture_output=True, text=True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +19,17 @@ import pytest
 from parsl import Config, HighThroughputExecutor, ThreadPoolExecutor
 from parsl.dataflow.dflow import DataFlowKernel
 from parsl.providers import LocalProvider
+from parsl.serialize.errors import SerializationError
 from parsl_helpers import (
     HTEX,
     THREADS,
-    Unpicklable,
+    Large,
     cached_total,
     double,
     fails_once,
     filled,
     frame_rows,
+    large_total,
     received_as,
     threads_received_as,
     total,
@@ -177,8 +180,14 @@ def test_an_unpicklable_argument_fails_clearly_and_leaves_nothing(
     dfk: DataFlowKernel, store: Any
 ) -> None:
     x = np.ones(2 * MiB // 8)
-    with pytest.raises(TypeError, match="proxy-patterns could not put an argument of type"):
-        total(x, Unpicklable()).result()
+    with pytest.raises(SerializationError, match="function total") as raised:
+        total(x, Large(i for i in range(3))).result()  # a generator: nobody can send it
+    assert "could not put argument 1 (a Large)" in str(raised.value.__cause__)
+
+
+def test_what_only_parsl_can_serialize_goes_by_value(dfk: DataFlowKernel, store: Any) -> None:
+    # pickle cannot take a lock, Parsl's dill can: the argument goes as plain Parsl sends it.
+    assert large_total(Large(threading.Lock())).result() == float(2**20)
 
 
 def test_one_dataframe_to_200_apps_is_not_multiplied(dfk: DataFlowKernel, store: Any) -> None:

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "dask": "proxy_patterns.bench.dask_plugin",
     "pipelining": "proxy_patterns.bench.pipelining",
     "memory": "proxy_patterns.bench.memory",
+    "parsl": "proxy_patterns.bench.parsl_plugin",
 }
 
 

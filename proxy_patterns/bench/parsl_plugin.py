@@ -1,0 +1,191 @@
+"""``proxy-patterns bench parsl``: plain HTEX against HTEX with ``proxied()``, same workloads.
+
+A ``HighThroughputExecutor`` with 2 workers (``LocalProvider``), a fresh DataFlowKernel per
+mode (plain, proxied on shared memory):
+
+* ``a`` — one 100 MB array passed to 20 apps, small results;
+* ``b`` — 10 apps, each given its own 100 MB array and returning 100 MB;
+* ``c`` — a chain of 5 apps passing 100 MB along.
+
+Each mode first runs every workload once at a hundredth of the size (workers up, first touch
+of memory paid), then once timed. A sampler reads the interchange process's RSS every 50 ms:
+the table shows its peak above its level before the workload.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from parsl import python_app
+
+from proxy_patterns.bench.report import print_table
+
+MB = 10**6
+MODES = ("plain", "proxied")
+WORKLOADS = {
+    "a": "a: one 100 MB arg -> 20 apps",
+    "b": "b: 10 apps x own 100 MB arg -> 100 MB",
+    "c": "c: chain of 5 apps passing 100 MB",
+}
+
+
+@python_app(executors=["htex"])
+def total(x: Any) -> float:
+    import numpy as np
+
+    return float(np.sum(x[:1000]))
+
+
+@python_app(executors=["htex"])
+def double(x: Any) -> Any:
+    return x * 2.0
+
+
+def _run(name: str, nbytes: int) -> None:
+    """Run workload ``name`` with arrays of ``nbytes`` and check its results."""
+    x = np.ones(nbytes // 8)
+    if name == "a":
+        assert {f.result() for f in [total(x) for _ in range(20)]} == {1000.0}
+    elif name == "b":
+        arrays = [np.full(nbytes // 8, float(i)) for i in range(10)]
+        results = [f.result() for f in [double(a) for a in arrays]]
+        assert [float(r[0]) for r in results] == [2.0 * i for i in range(10)]
+    else:
+        f = double(x)
+        for _ in range(4):
+            f = double(f)
+        assert float(f.result()[0]) == 32.0
+
+
+class PeakRSS:
+    """Peak RSS of one process above its level at the start, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.base = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return int(self.peak - self.base)
+
+
+def measure(mode: str, nbytes: int, store: str) -> dict[str, tuple[float, int]]:
+    """(seconds, interchange growth in bytes) per workload in ``mode``."""
+    import parsl
+    from parsl import Config, HighThroughputExecutor
+    from parsl.providers import LocalProvider
+
+    from proxy_patterns.plugins.parsl import proxied
+
+    htex = HighThroughputExecutor(
+        label="htex",
+        address="127.0.0.1",
+        max_workers_per_node=2,
+        provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),  # type: ignore[no-untyped-call]
+    )
+    if mode == "proxied":
+        htex = proxied(htex, store=store)
+    results: dict[str, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="pp-bench-parsl-") as run_dir:
+        dfk = parsl.load(Config(executors=[htex], run_dir=run_dir, initialize_logging=False))
+        try:
+            for name in WORKLOADS:
+                _run(name, nbytes // 100)  # warm-up
+            assert htex.interchange_proc is not None
+            interchange = htex.interchange_proc.pid
+            for name in WORKLOADS:
+                with PeakRSS(interchange) as rss:
+                    start = time.perf_counter()
+                    _run(name, nbytes)
+                    results[name] = (time.perf_counter() - start, rss.growth)
+        finally:
+            dfk.cleanup()
+            parsl.clear()
+    return results
+
+
+def main(quick: bool = False, plot: str | None = None, redis: str | None = None) -> None:
+    """Print plain vs proxied times and the interchange's memory growth per workload."""
+    from proxy_patterns.store import count_keys, get_store
+
+    nbytes = 10 * MB if quick else 100 * MB
+    directory = tempfile.mkdtemp(prefix="pp-bench-parsl-", dir="/dev/shm")
+    store = f"shm://{directory}"
+    try:
+        by_mode = {mode: measure(mode, nbytes, store) for mode in MODES}
+        left = count_keys(get_store(store))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    rows = []
+    worst = float("inf")
+    for name, description in WORKLOADS.items():
+        plain, proxied = by_mode["plain"][name], by_mode["proxied"][name]
+        speedup = plain[0] / proxied[0]
+        worst = min(worst, speedup)
+        rows.append(
+            [
+                description.replace("100 MB", f"{nbytes // MB} MB"),
+                f"{plain[0]:.2f}",
+                f"{proxied[0]:.2f}",
+                f"{speedup:.1f}x",
+                f"{plain[1] / 2**20:+.0f}",
+                f"{proxied[1] / 2**20:+.0f}",
+            ]
+        )
+    header = [
+        "workload",
+        "plain HTEX (s)",
+        "proxied (s)",
+        "speed-up",
+        "interchange plain (MiB)",
+        "interchange proxied (MiB)",
+    ]
+    print_table(header, rows)
+    print(f"keys left in the store after DataFlowKernel.cleanup(): {left}")
+    print(
+        f"goal: >= 5x faster than plain HTEX on a-c: worst {worst:.1f}x "
+        f"[{'met' if worst >= 5 else 'NOT met'}]"
+    )
+    if plot:
+        _plot(by_mode, nbytes, plot)
+
+
+def _plot(by_mode: dict[str, dict[str, tuple[float, int]]], nbytes: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(WORKLOADS)
+    width = 0.38
+    for i, mode in enumerate(MODES):
+        xs = [j + (i - 0.5) * width for j in range(len(names))]
+        ax.bar(xs, [by_mode[mode][n][0] for n in names], width, label=mode)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="time (s)", title=f"Parsl HTEX, {nbytes // MB} MB objects")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
