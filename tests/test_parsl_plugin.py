@@ -20,6 +20,7 @@ from parsl import Config, HighThroughputExecutor, ThreadPoolExecutor
 from parsl.dataflow.dflow import DataFlowKernel
 from parsl.providers import LocalProvider
 from parsl.serialize.errors import SerializationError
+
 from parsl_helpers import (
     HTEX,
     THREADS,
@@ -35,7 +36,6 @@ from parsl_helpers import (
     total,
     waits_for,
 )
-
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.plugins.parsl import ParslProxyPlugin, proxied
 from proxy_patterns.proxy import is_proxy
