@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dask.base import tokenize
 from parsl.dataflow.memoization import id_for_memo
@@ -52,6 +52,7 @@ from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
 DEFAULT_THRESHOLD = "1 MiB"
+E = TypeVar("E", bound=ParslExecutor)
 
 
 @dataclass(frozen=True)
@@ -311,12 +312,12 @@ def _memoize_proxies_by_key(cls: type) -> None:
 
 
 def proxied(
-    executor: ParslExecutor,
+    executor: E,
     threshold: int | str = DEFAULT_THRESHOLD,
     store: str | None = None,
     *,
     in_process: bool = False,
-) -> ParslExecutor:
+) -> E:
     """Make ``executor`` send app arguments and results above ``threshold`` by proxy.
 
     Args:

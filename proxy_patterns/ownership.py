@@ -510,18 +510,12 @@ class BaseRefProxy(OpaqueProxy[T]):
         _held.add(reference)
         return p
 
-    @property
-    def __proxy_wrapped__(self) -> T:
+    def _wrapped_if_usable(self) -> T:
         object.__getattribute__(self, "__proxy_reference__").check()
         return OpaqueProxy.__proxy_wrapped__.fget(self)  # type: ignore[attr-defined, no-any-return]
 
-    @__proxy_wrapped__.setter
-    def __proxy_wrapped__(self, target: T) -> None:
-        object.__setattr__(self, "__proxy_target__", target)
-
-    @__proxy_wrapped__.deleter
-    def __proxy_wrapped__(self) -> None:
-        object.__delattr__(self, "__proxy_target__")
+    # OpaqueProxy's property, with a getter that refuses a released or moved reference.
+    __proxy_wrapped__ = OpaqueProxy.__proxy_wrapped__.getter(_wrapped_if_usable)  # type: ignore[attr-defined]
 
     def __reduce__(self) -> Any:
         reference: _Reference = object.__getattribute__(self, "__proxy_reference__")

@@ -8,7 +8,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from distributed import Client, LocalCluster
 from proxystore.store import Store
 
-from dask_helpers import held_sum, owned_head, owned_ones
+from dask_helpers import held_sum, owned_head, owned_ones, poll_for
 from proxy_patterns.ownership import (
     MutableBorrowError,
     OwnedProxy,
@@ -52,15 +51,6 @@ def _start_holder(p: Any) -> tuple[Any, Any]:
     proc = ctx.Process(target=_hold_in_child, args=(p, child))
     proc.start()
     return proc, parent
-
-
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @both_stores
@@ -155,7 +145,7 @@ def test_borrows_from_two_processes_at_once_count(store: Store[Any]) -> None:
         conn.send("done")
         proc.join(30)
     # The children released their borrows when they exited; the last one evicted the object.
-    assert _wait_for(lambda: count_keys(store) == 0, timeout=5)
+    assert poll_for(lambda: count_keys(store) == 0, timeout=5)
 
 
 @both_stores
@@ -169,7 +159,7 @@ def test_killed_borrower_does_not_pin_the_object(store: Store[Any]) -> None:
     proc.join(30)
     # Its lease expires (at once on shared memory, after LEASE seconds on Redis) and this
     # process, which released its own reference while the child held one, evicts it.
-    assert _wait_for(lambda: count_keys(store) == 0, timeout=LEASE + 5)
+    assert poll_for(lambda: count_keys(store) == 0, timeout=LEASE + 5)
 
 
 @both_stores
@@ -257,7 +247,7 @@ def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any)
     ):
         p = owned(np.ones(1000), store)
         running = [client.submit(held_sum, borrow(p), 1.5, pure=False) for _ in range(2)]
-        assert _wait_for(lambda: holders(p) == ["owner", "ref", "ref"], timeout=10)
+        assert poll_for(lambda: holders(p) == ["owner", "ref", "ref"], timeout=10)
         assert client.gather(running) == [1000.0, 1000.0]
         assert holders(p) == ["owner"]
         release(p)

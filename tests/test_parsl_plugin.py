@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from parsl.dataflow.dflow import DataFlowKernel
 from parsl.providers import LocalProvider
 from parsl.serialize.errors import SerializationError
 
+from dask_helpers import poll_for
 from parsl_helpers import (
     HTEX,
     THREADS,
@@ -42,15 +42,6 @@ from proxy_patterns.proxy import is_proxy
 from proxy_patterns.store import count_keys, get_store
 
 MiB = 2**20
-
-
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,7 @@ def store(dfk: DataFlowKernel, shm_spec: str) -> Iterator[Any]:
     assert count_keys(s) == 0
     yield s
     gc.collect()
-    assert _wait_for(lambda: count_keys(s) == 0, timeout=10), f"{count_keys(s)} keys left"
+    assert poll_for(lambda: count_keys(s) == 0, timeout=10), f"{count_keys(s)} keys left"
 
 
 def _plugin(dfk: DataFlowKernel) -> ParslProxyPlugin:
@@ -134,7 +125,7 @@ def test_results_are_proxies_that_behave_as_the_object(dfk: DataFlowKernel, stor
     assert received_as(f).result() == ("ndarray", True)  # passed on, it stays a proxy
     del f, result
     gc.collect()
-    assert _wait_for(lambda: count_keys(store) == 0, timeout=10)
+    assert poll_for(lambda: count_keys(store) == 0, timeout=10)
 
 
 def test_a_chain_passes_proxies_along(dfk: DataFlowKernel, store: Any) -> None:
