@@ -20,7 +20,9 @@ Three parts, each on the Dask hook made for its side:
   the key is evicted. Argument keys are deduplicated by the client by content (an object passed
   to many ``submit`` calls is put once), so the scheduler hands an idle argument key back to
   its client, which evicts it unless a graph being submitted or a future it holds still
-  carries it.
+  carries it. A graph that carries a :class:`~proxy_patterns.futures.ProxyFuture` (or a proxy
+  of one) makes the scheduler a holder of the future's ownership record until its tasks are
+  forgotten.
 
 Configuration: ``dask.config`` keys ``proxy-patterns.threshold`` (default ``1 MiB``) and
 ``proxy-patterns.store`` (a store spec, default ``$PROXY_PATTERNS_STORE`` or ``shm``), also as
@@ -31,6 +33,7 @@ the ``distributed.client.preload`` config (clients).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import pickle
@@ -53,8 +56,11 @@ from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, Work
 from distributed.protocol import pickle as dask_pickle
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from proxystore.proxy import Proxy, get_factory
+from proxystore.store import get_or_create_store
 from proxystore.store.factory import StoreFactory
 
+from proxy_patterns.futures import pickled_futures
+from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies
 from proxy_patterns.shm import process_tag
@@ -191,21 +197,34 @@ class DaskProxyPlugin:
     def _submit_graph(self, expr: Any, keys: Any, *args: Any, **kwargs: Any) -> Any:
         buffers: list[Any] = []
         try:
-            stream = dask_pickle.dumps(
-                expr, buffer_callback=lambda b: buffers.append(memoryview(b))
-            )
+            with pickled_futures() as futures:
+                stream = dask_pickle.dumps(
+                    expr, buffer_callback=lambda b: buffers.append(memoryview(b))
+                )
         except Exception as e:
             raise TypeError(f"could not serialize the task graph: {e}") from e
         nbytes = len(stream) + sum(memoryview(b).nbytes for b in buffers)
-        if nbytes <= int(self.policy.threshold):
+        if nbytes <= int(self.policy.threshold) and not futures:
             return self._graph_to_futures(
                 _SerializedGraph([stream, *buffers]), keys, *args, **kwargs
             )
-        frames, carried = self._proxy_graph(expr)
+        held_futures = _hold_futures(futures)  # for the scheduler, which takes them over
+        carried: dict[Any, _Argument] = {}
         try:
-            annotation = pickle.dumps([(key, a.nbytes) for key, a in carried.items()])
-            with annotate(**{ANNOTATION: annotation}):
+            if nbytes <= int(self.policy.threshold):
+                frames = [stream, *buffers]
+            else:
+                frames, carried = self._proxy_graph(expr)
+        except BaseException:
+            _release_futures(held_futures)
+            raise
+        try:
+            arguments = [(key, a.nbytes) for key, a in carried.items()]
+            with annotate(**{ANNOTATION: pickle.dumps((arguments, held_futures))}):
                 return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
+        except BaseException:
+            _release_futures(held_futures)
+            raise
         finally:  # the futures exist now (or the submission failed): the graph is not pending
             with self._lock:
                 for argument in carried.values():
@@ -323,6 +342,27 @@ class DaskProxyPlugin:
         return dict(self.client.run_on_scheduler(_scheduler_stats))
 
 
+def _hold_futures(futures: dict[Any, Any]) -> list[tuple[Any, Any, str]]:
+    """Hold the keys of the proxy futures a graph carries until the scheduler takes the holds
+    over (the client may drop its futures at once); (key, store config, holder) each.
+
+    A future released already is left out: its value can never be set.
+    """
+    held_futures = []
+    for key, store_config in futures.items():
+        table = ref_table_for(get_or_create_store(store_config, register=True))
+        with contextlib.suppress(ReferenceInvalidError):
+            held_futures.append((key, store_config, table.add(key, "ref")))
+    return held_futures
+
+
+def _release_futures(held_futures: list[tuple[Any, Any, str]]) -> None:
+    for key, store_config, holder in held_futures:
+        table = ref_table_for(get_or_create_store(store_config, register=True))
+        with contextlib.suppress(ReferenceInvalidError):
+            table.drop(key, holder)
+
+
 def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
     plugin = dask_scheduler.plugins[PLUGIN_NAME]
     assert isinstance(plugin, ProxySchedulerPlugin)
@@ -416,6 +456,7 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         self._held: dict[tuple[Any, str], set[Any]] = defaultdict(set)
         self._client_of: dict[Any, str] = {}
         self._nbytes: dict[Any, int] = {}
+        self._futures: dict[Any, tuple[RefTable, str]] = {}  # future key -> the hold on it here
         self.bytes_proxied = 0
         self.keys_evicted = 0
 
@@ -451,10 +492,23 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         **kwargs: Any,
     ) -> None:
         for task, annotation in annotations.get(ANNOTATION, {}).items():
-            for key, nbytes in pickle.loads(annotation):
+            arguments, futures = pickle.loads(annotation)
+            for key, nbytes in arguments:
                 self._track(key, nbytes)
                 self._client_of[key] = client
                 self._hold((task, "graph"), key)
+            for key, store_config, holder in futures:
+                self._take_future(key, store_config, holder)
+                self._hold((task, "graph"), key)
+
+    def _take_future(self, key: Any, store_config: Any, holder: str) -> None:
+        """Take over the client's hold on a future's key (one per key: others are dropped)."""
+        table = ref_table_for(get_or_create_store(store_config, register=True))
+        with contextlib.suppress(ReferenceInvalidError):  # the same hold, seen for another task
+            if key in self._futures:
+                table.drop(key, holder)
+            else:
+                self._futures[key] = (table, table.claim(key, holder))
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == RESULTS_TOPIC:
@@ -480,6 +534,12 @@ class ProxySchedulerPlugin(SchedulerPlugin):
             self._release((key, "graph"))
 
     def _idle(self, key: Any) -> None:
+        if key in self._futures:  # no task holds the future's key: give up the scheduler's hold
+            table, holder = self._futures.pop(key)
+            self._holders.pop(key, None)
+            with contextlib.suppress(ReferenceInvalidError):
+                table.drop(key, holder)
+            return
         client = self._client_of.get(key)
         if client in self.scheduler.clients:
             self.scheduler.log_event(_idle_topic(client), {"data": pickle.dumps(key)})
@@ -504,6 +564,8 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         for key in list(self._nbytes):
             self.store.evict(key)
             self._drop(key)
+        for key in list(self._futures):
+            self._idle(key)
 
     def stats(self) -> dict[str, int]:
         """Bytes proxied so far, keys and bytes live in the store, keys evicted."""

@@ -6,6 +6,10 @@ value. Whoever holds the future (it pickles, so a task can receive it) sets the 
 with :meth:`~ProxyFuture.set_result`, or an error with :meth:`~ProxyFuture.set_exception`;
 consumers then get the value zero-copy, or the original exception.
 
+The future owns its key (see :mod:`proxy_patterns.ownership`): the value is evicted once the
+future and the proxies made from it in this process are gone, unless something else holds
+the key; with the Dask plugin, every task graph that carries the future or a proxy of it does.
+
 The API follows :class:`concurrent.futures.Future`. Waiting is event-driven (see
 :mod:`proxy_patterns.rendezvous`), and a consumer whose producer died gets
 :class:`~proxy_patterns.rendezvous.ProducerLostError` rather than waiting forever.
@@ -15,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +28,8 @@ import proxystore.store
 from proxystore.store import Store
 from proxystore.store.config import StoreConfig
 
-from proxy_patterns.proxy import OpaqueProxy
+from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for
+from proxy_patterns.proxy import OpaqueProxy, held
 from proxy_patterns.rendezvous import ProducerLostError, Rendezvous, rendezvous_for
 from proxy_patterns.serialize import deserialize, dumps
 from proxy_patterns.store import get_store
@@ -38,6 +44,22 @@ class _Raised:
         self.exception = exception
 
 
+_pickling = threading.local()
+
+
+@contextlib.contextmanager
+def pickled_futures() -> Iterator[dict[Any, StoreConfig]]:
+    """Collect the key and store of every future (or future proxy) pickled in this block, by
+    this thread: a framework plugin learns which futures a task graph carries."""
+    collected: dict[Any, StoreConfig] = {}
+    outer = getattr(_pickling, "collected", None)
+    _pickling.collected = collected
+    try:
+        yield collected
+    finally:
+        _pickling.collected = outer
+
+
 class FutureFactory(Generic[T]):
     """Resolves a future's proxy: waits for the value, then reads it from the store."""
 
@@ -45,6 +67,12 @@ class FutureFactory(Generic[T]):
         self.key = key
         self.store_config = store_config
         self.timeout = timeout
+
+    def __reduce__(self) -> Any:
+        collected = getattr(_pickling, "collected", None)
+        if collected is not None:
+            collected[self.key] = self.store_config
+        return FutureFactory, (self.key, self.store_config, self.timeout)
 
     def __call__(self) -> T:
         return self.result(self.timeout)
@@ -89,6 +117,13 @@ class ProxyFuture(Generic[T]):
         )
         self._rendezvous: Rendezvous = rendezvous
         self._rendezvous.claim(self.key)
+        # The future owns its key: evicted once it (and every local proxy, which holds it) is
+        # gone, unless something else holds the key (a Dask graph, with the plugin).
+        self._table = ref_table_for(store)
+        owner = self._table.create(self.key)
+        self._release: Callable[[], Any] | None = weakref.finalize(
+            self, _release_owner, self._table, self.key, owner
+        )
 
     @property
     def key(self) -> Any:
@@ -104,8 +139,12 @@ class ProxyFuture(Generic[T]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Received by another process: that process is now the one expected to set the value.
+        # It holds no reference: the key lives while the sender's future or a graph holds it.
         self._factory = state["factory"]
-        self._rendezvous = rendezvous_for(self._factory.store())
+        store = self._factory.store()
+        self._rendezvous = rendezvous_for(store)
+        self._table = ref_table_for(store)
+        self._release = None
         if not self.done():
             self._rendezvous.claim(self.key)
 
@@ -118,9 +157,14 @@ class ProxyFuture(Generic[T]):
         p: OpaqueProxy[T] = OpaqueProxy(self._factory)
         object.__setattr__(p, "__proxy_default_class__", object)
         object.__setattr__(p, "__proxy_default_hash__", hash(("proxy-future", self.key)))
-        return p
+        return held(p, self)  # in this process it keeps the future, and so its key, alive
 
     def _set(self, outcome: Any) -> None:
+        if not self._table.holders(self.key):
+            raise InvalidStateError(
+                f"future {self.key} was released: neither the future nor anything holding it "
+                "is left, so nobody can read a value"
+            )
         if not self._rendezvous.set_once(self.key, dumps(outcome)):
             raise InvalidStateError(f"future {self.key} is already set")
 
@@ -168,5 +212,14 @@ class ProxyFuture(Generic[T]):
         threading.Thread(target=wait_then_call, name=f"callback {self.key}", daemon=True).start()
 
     def evict(self) -> None:
-        """Remove the value and the claim from the store."""
+        """Remove the value and the claim from the store now, and give up this future's hold."""
         self._rendezvous.forget(self.key)
+        if self._release is not None:
+            self._release()
+
+
+def _release_owner(table: RefTable, key: Any, owner: str) -> None:
+    """Drop a future's hold on its key (at garbage collection, :meth:`ProxyFuture.evict` or
+    exit); the key is evicted if nothing else holds it."""
+    with contextlib.suppress(ReferenceInvalidError):  # evicted and released already
+        table.drop(key, owner)

@@ -50,7 +50,12 @@ from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.proxy import OpaqueProxy, key_of, map_proxies, proxy
-from proxy_patterns.rendezvous import LEASE, lease_renewer
+from proxy_patterns.rendezvous import (
+    LEASE,
+    RedisRendezvous,
+    SharedMemoryRendezvous,
+    lease_renewer,
+)
 from proxy_patterns.shm import (
     REFS_SUFFIX,
     SharedMemoryConnector,
@@ -171,7 +176,7 @@ class SharedMemoryRefTable:
     def _evict_if_unheld(self, key: SharedMemoryKey, directory: str) -> bool:
         if self._live(directory):
             return False
-        self.connector.evict(key)
+        SharedMemoryRendezvous(self.connector).forget(key)  # the object, and a future's claim
         os.rmdir(directory)
         return True
 
@@ -243,7 +248,7 @@ end
 """
 _EVICT_IF_UNHELD = """
 if #live == 0 then
-  redis.call('del', KEYS[1], KEYS[2])
+  redis.call('del', KEYS[1], KEYS[2], KEYS[3])
   return 1
 end
 return 0
@@ -310,8 +315,9 @@ class RedisRefTable:
         return name
 
     @staticmethod
-    def _keys(key: Any) -> tuple[str, str]:
-        return f"{key.redis_key}:refs", key.redis_key
+    def _keys(key: Any) -> tuple[str, str, str]:
+        """The record, the object, and a future's claim (see :mod:`~proxy_patterns.futures`)."""
+        return f"{key.redis_key}:refs", key.redis_key, RedisRendezvous.claim_name(key)
 
     def create(self, key: Any) -> str:
         holder = _new_holder("owner", self._tag)
@@ -339,13 +345,13 @@ class RedisRefTable:
         return new
 
     def drop(self, key: Any, holder: str) -> bool:
-        freed = self.client.eval(_DROP, 2, *self._keys(key), holder)
+        freed = self.client.eval(_DROP, 3, *self._keys(key), holder)
         if freed == -1:
             raise _not_held(key.redis_key, holder)
         return bool(freed)
 
     def prune(self, key: Any) -> bool:
-        return bool(self.client.eval(_PRUNE_AND_EVICT, 2, *self._keys(key)))
+        return bool(self.client.eval(_PRUNE_AND_EVICT, 3, *self._keys(key)))
 
     def holders(self, key: Any) -> list[str]:
         return [h.decode() for h in self.client.eval(_HOLDERS, 1, self._keys(key)[0])]

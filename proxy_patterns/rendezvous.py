@@ -266,7 +266,8 @@ class RedisRendezvous:
         return f"proxy-patterns:set:{key.redis_key}"
 
     @staticmethod
-    def _claim_name(key: Any) -> str:
+    def claim_name(key: Any) -> str:
+        """The Redis key of ``key``'s claim."""
         return f"{key.redis_key}:claim"
 
     def new_key(self) -> Any:
@@ -275,8 +276,8 @@ class RedisRendezvous:
     def set_once(self, key: Any, frames: Frames) -> bool:
         if not self.client.set(key.redis_key, bytes(frames.join()), nx=True):
             return False
-        lease_renewer.discard(self.client, self._claim_name(key))
-        self.client.delete(self._claim_name(key))
+        lease_renewer.discard(self.client, self.claim_name(key))
+        self.client.delete(self.claim_name(key))
         self.client.publish(self._channel(key), b"set")
         return True
 
@@ -284,7 +285,7 @@ class RedisRendezvous:
         return bool(self.client.exists(key.redis_key))
 
     def claim(self, key: Any) -> None:
-        name = self._claim_name(key)
+        name = self.claim_name(key)
         self.client.set(name, process_tag(), px=int(LEASE * 1000))
         lease_renewer.add(self.client, name)
 
@@ -296,12 +297,12 @@ class RedisRendezvous:
                 key,
                 timeout,
                 lambda: self.exists(key),
-                lambda: not self.client.exists(self._claim_name(key)),
+                lambda: not self.client.exists(self.claim_name(key)),
                 lambda seconds: pubsub.get_message(timeout=seconds),
             )
         finally:
             pubsub.close()
 
     def forget(self, key: Any) -> None:
-        lease_renewer.discard(self.client, self._claim_name(key))
-        self.client.delete(key.redis_key, self._claim_name(key))
+        lease_renewer.discard(self.client, self.claim_name(key))
+        self.client.delete(key.redis_key, self.claim_name(key))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -18,6 +19,7 @@ from proxystore.store import Store
 
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.rendezvous import ProducerLostError
+from proxy_patterns.store import count_keys
 
 
 class MissionAborted(Exception):
@@ -194,3 +196,58 @@ def test_dask_submit_of_an_unset_future_returns_at_once(
         assert consumer.result(timeout=30) == 2_000_000.0
         producer.result(timeout=30)
         fut.evict()
+
+
+@pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
+def test_the_value_lives_while_the_future_or_a_local_proxy_does(store: Store[Any]) -> None:
+    fut: ProxyFuture[np.ndarray] = ProxyFuture(store)
+    p = fut.proxy()
+    fut.set_result(np.ones(10))
+    del fut
+    gc.collect()
+    assert float(np.sum(p)) == 10.0  # the proxy keeps its future
+    assert count_keys(store) > 0
+    del p
+    gc.collect()
+    assert count_keys(store) == 0  # nothing can read it any more: evicted with its claim
+
+
+def test_setting_a_released_future_is_an_error(shm_store: Store[Any]) -> None:
+    fut: ProxyFuture[int] = ProxyFuture(shm_store)
+    producer_copy = pickle.loads(pickle.dumps(fut))  # as a producer task receives it
+    del fut
+    gc.collect()
+    with pytest.raises(InvalidStateError, match="was released"):
+        producer_copy.set_result(1)
+    assert count_keys(shm_store) == 0
+
+
+def test_with_the_dask_plugin_a_graph_holds_the_future(
+    shm_dir: str, shm_store: Store[Any]
+) -> None:
+    """The client drops its future right after submitting: the tasks that carry it hold its
+    key until Dask forgets them; then it is evicted without an explicit evict()."""
+    from distributed import Client, LocalCluster
+
+    from proxy_patterns.plugins.dask import register
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        register(client, store=f"shm://{shm_dir}")
+        fut: ProxyFuture[np.ndarray] = ProxyFuture(shm_store)
+        consumer = client.submit(_consume, fut.proxy())
+        producer = client.submit(_produce, fut, 2_000_000, pure=False)
+        del fut
+        gc.collect()
+        assert consumer.result(timeout=30) == 2_000_000.0
+        producer.result(timeout=30)
+        assert count_keys(shm_store) > 0  # the futures still hold the tasks, and so the key
+        del consumer, producer
+        deadline = time.monotonic() + 10
+        while count_keys(shm_store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count_keys(shm_store) == 0
