@@ -120,28 +120,30 @@ def _wait_loop(
 
 
 class DirectoryWatcher:
-    """One inotify watch per directory and process; wakes every waiter whenever a file is
-    created, linked, renamed into or deleted from it.
+    """One inotify watch per directory (and kind of events) and process; wakes every waiter
+    whenever a file is created, linked or renamed into it, and with ``deletes`` also whenever
+    one is deleted.
 
     ``changed`` is notified after each batch of events, and ``generation`` counts batches,
-    so a waiter can tell whether anything happened since it last looked.
+    so a waiter can tell whether anything happened since it last looked. Waiters for a value
+    do not watch deletes: a put deletes its temporary file, a wake-up for nothing.
     """
 
     _IN_CREATE, _IN_MOVED_TO, _IN_DELETE = 0x100, 0x80, 0x200
-    _watchers: ClassVar[dict[str, DirectoryWatcher]] = {}
+    _watchers: ClassVar[dict[tuple[str, bool], DirectoryWatcher]] = {}
     _lock = threading.Lock()
 
     @classmethod
-    def of(cls, directory: str) -> DirectoryWatcher:
+    def of(cls, directory: str, deletes: bool = False) -> DirectoryWatcher:
         with cls._lock:
-            if directory not in cls._watchers:
-                cls._watchers[directory] = cls(directory)
-            return cls._watchers[directory]
+            if (directory, deletes) not in cls._watchers:
+                cls._watchers[(directory, deletes)] = cls(directory, deletes)
+            return cls._watchers[(directory, deletes)]
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, deletes: bool) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        mask = self._IN_CREATE | self._IN_MOVED_TO | self._IN_DELETE
+        mask = self._IN_CREATE | self._IN_MOVED_TO | (self._IN_DELETE if deletes else 0)
         if self._fd < 0 or libc.inotify_add_watch(self._fd, directory.encode(), mask) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"cannot watch {directory}: {os.strerror(err)}")

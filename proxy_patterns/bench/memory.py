@@ -202,7 +202,7 @@ class Sampler:
     def _run(self) -> None:
         # Every SAMPLE_INTERVAL, and also right after each change to the store directory:
         # a peak shorter than the interval is not missed.
-        watcher = DirectoryWatcher.of(self.directory)
+        watcher = DirectoryWatcher.of(self.directory, deletes=True)
 
         def changed_since(generation: int) -> Callable[[], bool]:
             return lambda: watcher.generation != generation
