@@ -56,13 +56,11 @@ from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, Work
 from distributed.protocol import pickle as dask_pickle
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from proxystore.proxy import Proxy, get_factory
-from proxystore.store import get_or_create_store
-from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.futures import pickled_futures
-from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for
+from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies
+from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies, store_keys_in
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -350,7 +348,7 @@ def _hold_futures(futures: dict[Any, Any]) -> list[tuple[Any, Any, str]]:
     """
     held_futures = []
     for key, store_config in futures.items():
-        table = ref_table_for(get_or_create_store(store_config, register=True))
+        table = ref_table_of(store_config)
         with contextlib.suppress(ReferenceInvalidError):
             held_futures.append((key, store_config, table.add(key, "ref")))
     return held_futures
@@ -358,7 +356,7 @@ def _hold_futures(futures: dict[Any, Any]) -> list[tuple[Any, Any, str]]:
 
 def _release_futures(held_futures: list[tuple[Any, Any, str]]) -> None:
     for key, store_config, holder in held_futures:
-        table = ref_table_for(get_or_create_store(store_config, register=True))
+        table = ref_table_of(store_config)
         with contextlib.suppress(ReferenceInvalidError):
             table.drop(key, holder)
 
@@ -367,20 +365,6 @@ def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
     plugin = dask_scheduler.plugins[PLUGIN_NAME]
     assert isinstance(plugin, ProxySchedulerPlugin)
     return plugin.stats()
-
-
-def _keys_of_proxies(obj: Any, depth: int) -> list[Any]:
-    """Store keys of the store proxies in ``obj`` and its containers (to ``depth``)."""
-    keys: list[Any] = []
-
-    def collect(p: Proxy[Any]) -> Proxy[Any]:
-        factory = get_factory(p)
-        if isinstance(factory, StoreFactory):
-            keys.append(factory.key)
-        return p
-
-    map_proxies(obj, collect, depth)
-    return keys
 
 
 def _dispatched_types() -> tuple[type, ...]:
@@ -432,7 +416,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
         proxied = self.results_policy.apply(value, make_proxy)
         if proxied is not value:
             self.worker.data[key] = proxied
-        held = _keys_of_proxies(proxied, self.policy.max_depth + 1)
+        held = store_keys_in(proxied, self.policy.max_depth + 1)
         if held:  # new proxies, and proxies the task passed through (e.g. dask.array aliases)
             data = pickle.dumps((key, created, held))
             self.worker.log_event(RESULTS_TOPIC, {"data": data})
@@ -503,7 +487,7 @@ class ProxySchedulerPlugin(SchedulerPlugin):
 
     def _take_future(self, key: Any, store_config: Any, holder: str) -> None:
         """Take over the client's hold on a future's key (one per key: others are dropped)."""
-        table = ref_table_for(get_or_create_store(store_config, register=True))
+        table = ref_table_of(store_config)
         with contextlib.suppress(ReferenceInvalidError):  # the same hold, seen for another task
             if key in self._futures:
                 table.drop(key, holder)

@@ -47,7 +47,7 @@ from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import held, is_proxy, key_of, map_proxies, proxy
+from proxy_patterns.proxy import held, is_proxy, key_of, map_proxies, proxy, store_keys_in
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
@@ -161,14 +161,9 @@ class ParslProxyPlugin:
 
     def _hold_passed_results(self, value: Any, holders: list[tuple[Any, str]]) -> None:
         """A result proxy passed on to another app is held until that app is done."""
-
-        def hold(p: Proxy[Any]) -> Proxy[Any]:
-            factory = get_factory(p)
-            if isinstance(factory, StoreFactory) and factory.key in self._results:
-                holders.append((factory.key, self.table.add(factory.key, "ref")))
-            return p
-
-        map_proxies(value, hold, self.policy.max_depth + 1)
+        for key in store_keys_in(value, self.policy.max_depth + 1):
+            if key in self._results:
+                holders.append((key, self.table.add(key, "ref")))
 
     def _proxy_argument(
         self, name: str, value: Any, holders: list[tuple[Any, str]], unstored: list[str]
@@ -243,15 +238,15 @@ class ParslProxyPlugin:
     ) -> None:
         self._drop(holders)
         exception = done.exception()
+        result = None if exception is not None else done.result()
         if outer is None:  # nobody waits for it any more (the DataFlowKernel was cleaned up)
-            if exception is None and isinstance(done.result(), _ProxiedResult):
-                for key in done.result().created:
+            if isinstance(result, _ProxiedResult):
+                for key in result.created:
                     self.store.evict(key)
             return
         if exception is not None:
             outer.set_exception(exception)
             return
-        result = done.result()
         if isinstance(result, _ProxiedResult):
             result = self._hold_result(result)
         outer.set_result(result)

@@ -402,6 +402,11 @@ def ref_table_for(store: Store[Any]) -> RefTable:
     return table
 
 
+def ref_table_of(store_config: Any) -> RefTable:
+    """:func:`ref_table_for` the store a proxy's config names (re-created here if needed)."""
+    return ref_table_for(proxystore.store.get_or_create_store(store_config, register=True))
+
+
 class _Watcher:
     """Keeps checking objects this process released while other processes held them, so
     that one whose last holder dies without releasing it is evicted (lease expiry)."""
@@ -446,6 +451,7 @@ class _Reference:
         self.lock = threading.Lock()
 
     def table(self) -> RefTable:
+        # Looked up without registering it: a store closed and unregistered stays so.
         return ref_table_for(proxystore.store.get_or_create_store(self.store_config))
 
     def check(self) -> None:
@@ -492,8 +498,7 @@ def _received(
     factory: StoreFactory[Any, T], holder: str, default_class: Any, default_hash: Any
 ) -> BaseRefProxy[T]:
     """Unpickle a moved reference: this process takes over its holder."""
-    store = proxystore.store.get_or_create_store(factory.store_config, register=True)
-    new = ref_table_for(store).claim(factory.key, holder)
+    new = ref_table_of(factory.store_config).claim(factory.key, holder)
     cls = _PROXY_CLASSES[_kind(holder)]
     p: BaseRefProxy[T] = cls._make(factory, new, default_class, default_hash)
     return p
@@ -728,11 +733,12 @@ def owned_task(fn: Callable[P, T]) -> Callable[P, T]:
         given = _references_in(list(args) + list(kwargs.values()))
         with owned_scope() as scope:
             result = fn(*args, **kwargs)
-            returned = {id(p) for p in _references_in(result)}
-            for p in _references_in(result):
+            returned = _references_in(result)
+            for p in returned:
                 scope.keep(p)
+        returned_ids = {id(p) for p in returned}
         for p in given:
-            if id(p) not in returned:
+            if id(p) not in returned_ids:
                 _reference(p).release_quietly()
         return result
 

@@ -188,6 +188,20 @@ def map_proxies(obj: Any, fn: Callable[[Proxy[Any]], Any], depth: int) -> Any:
     return rebuild_container(cls, dict(zip(obj, mapped, strict=True)) if is_dict else mapped)
 
 
+def store_keys_in(obj: Any, depth: int) -> list[Any]:
+    """Store keys of the store proxies in ``obj`` and its containers (to ``depth``), unresolved."""
+    keys: list[Any] = []
+
+    def collect(p: Proxy[Any]) -> Proxy[Any]:
+        factory = get_factory(p)
+        if isinstance(factory, StoreFactory):
+            keys.append(factory.key)
+        return p
+
+    map_proxies(obj, collect, depth)
+    return keys
+
+
 def resolve_proxies(obj: Any, depth: int) -> Any:
     """``obj`` with every proxy in it (and in its containers, to ``depth``) resolved."""
     return map_proxies(obj, extract, depth)
