@@ -249,7 +249,11 @@ class _LeaseRenewer:
             with self._lock:
                 claims = list(self._claims.items())
             for (_, name), client in claims:
-                if not client.eval(self._RENEW, 1, name, process_tag(), int(LEASE * 1000)):
+                try:
+                    renewed = client.eval(self._RENEW, 1, name, process_tag(), int(LEASE * 1000))
+                except Exception:  # e.g. a connection closed under us: try again next round
+                    continue  # (this thread must not die: every lease of the process needs it)
+                if not renewed:
                     self.discard(client, name)
 
 

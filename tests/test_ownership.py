@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -258,4 +259,26 @@ def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any)
         assert holders(head) == ["owner"]  # the parts were released by owned_head
         release(head)
         del running, parts
+    assert count_keys(store) == 0
+
+
+@pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
+def test_lease_renewal_outlives_a_failing_connection(store: Store[Any]) -> None:
+    """One client whose connection fails (closed under the renewer) must not stop the
+    renewal of every other lease of the process."""
+    from proxy_patterns.rendezvous import lease_renewer
+
+    class BrokenClient:
+        def eval(self, *args: Any) -> Any:
+            raise OSError(9, "Bad file descriptor")
+
+    broken = BrokenClient()
+    p = owned(np.ones(10), store)
+    lease_renewer.add(broken, "broken")
+    try:
+        time.sleep(2 * LEASE)  # well past the life of an unrenewed lease
+        assert holders(p) == ["owner"]  # this process's lease was renewed all along
+    finally:
+        lease_renewer.discard(broken, "broken")
+    release(p)
     assert count_keys(store) == 0
