@@ -49,7 +49,7 @@ import dask
 import dask.config
 from dask._expr import Expr
 from dask._task_spec import GraphNode
-from dask.base import annotate, normalize_token, tokenize
+from dask.base import annotate, normalize_token
 from dask.highlevelgraph import HighLevelGraph, Layer
 from dask.sizeof import sizeof
 from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
@@ -61,6 +61,7 @@ from proxy_patterns.futures import pickled_futures
 from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies, store_keys_in
+from proxy_patterns.serialize import dumps
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -235,13 +236,14 @@ class DaskProxyPlugin:
         created: list[Any] = []
 
         def make_proxy(obj: Any) -> Proxy[Any]:
-            token = tokenize(obj)  # content, so that an object changed in place is put anew
+            frames = dumps(obj)
+            token = frames.digest()  # content, so that an object changed in place is put anew
             with self._lock:
                 argument = self._carry(self._by_token.get(token), carried)
             if argument is not None:
                 return argument.proxy
             # Put outside the lock: the event loop's idle handler must not wait for a copy.
-            p = proxy(self.store, obj, keep_target=False)
+            p = proxy(self.store, obj, keep_target=False, frames=frames)
             new = _Argument(p, self.policy.size_of(obj), token)
             with self._lock:
                 existing = self._by_token.get(token)  # another thread may have put it too

@@ -48,6 +48,7 @@ from proxystore.store.factory import StoreFactory
 from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import held, is_proxy, key_of, map_proxies, proxy, store_keys_in
+from proxy_patterns.serialize import dumps
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
@@ -135,7 +136,8 @@ class ParslProxyPlugin:
 
     # --- arguments ------------------------------------------------------------------------
     def _hold_argument(self, obj: Any, holders: list[tuple[Any, str]]) -> Proxy[Any]:
-        token = tokenize(obj)
+        frames = dumps(obj)
+        token = frames.digest()
         with self._lock:
             known = self._arguments.get(token)
             if known is not None:
@@ -144,7 +146,7 @@ class ParslProxyPlugin:
                     return known  # type: ignore[no-any-return]
                 except ReferenceInvalidError:  # its last app finished meanwhile
                     self._forget_argument(key_of(known))
-            p = proxy(self.store, obj, keep_target=False)
+            p = proxy(self.store, obj, keep_target=False, frames=frames)
             try:
                 holders.append((key_of(p), self.table.create(key_of(p))))
             except BaseException:

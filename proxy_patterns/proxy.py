@@ -27,6 +27,7 @@ from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
+from proxy_patterns.serialize import Frames
 from proxy_patterns.store import put
 
 T = TypeVar("T")
@@ -143,14 +144,18 @@ def is_proxy(obj: object) -> bool:
     return issubclass(type(obj), Proxy)
 
 
-def proxy(store: Store[Any], obj: T, *, keep_target: bool = True) -> OpaqueProxy[T]:
+def proxy(
+    store: Store[Any], obj: T, *, keep_target: bool = True, frames: Frames | None = None
+) -> OpaqueProxy[T]:
     """Put ``obj`` in ``store`` and return an :class:`OpaqueProxy` of it.
 
     The proxy knows its target's class either way. With ``keep_target`` it also holds the
     object itself (no resolve needed in this process); without, the object can be freed and
-    the proxy resolves from the store like a copy received by another process.
+    the proxy resolves from the store like a copy received by another process. ``frames`` is
+    ``dumps(obj)``, if the caller made it already.
     """
-    factory: StoreFactory[Any, T] = StoreFactory(put(store, obj), store_config=store.config())
+    key = put(store, obj, frames)
+    factory: StoreFactory[Any, T] = StoreFactory(key, store_config=store.config())
     p: OpaqueProxy[T] = OpaqueProxy(factory, cache_defaults=True, target=obj)
     unhashable = object.__getattribute__(p, "__proxy_default_hash__")
     if isinstance(unhashable, BaseException):

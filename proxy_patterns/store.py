@@ -107,12 +107,16 @@ def get_store(spec: str | None = None) -> Store[Any]:
     return store
 
 
-def put(store: Store[Any], obj: Any) -> Any:
+def put(store: Store[Any], obj: Any, frames: Frames | None = None) -> Any:
     """Put ``obj`` in ``store`` and return its key, writing its buffers without joining them
-    when the connector can (one copy from the object into the store)."""
+    when the connector can (one copy from the object into the store).
+
+    ``frames``, if given, is ``dumps(obj)`` already made (for example to hash it).
+    """
+    frames = dumps(obj) if frames is None else frames
     if isinstance(store.connector, FramesConnector):
-        return store.connector.put_frames(dumps(obj))
-    return store.put(obj)
+        return store.connector.put_frames(frames)
+    return store.put(frames, serializer=Frames.join)
 
 
 def count_keys(store: Store[Any]) -> int:
