@@ -59,6 +59,7 @@ from proxystore.proxy import Proxy, get_factory
 
 from proxy_patterns.futures import pickled_futures
 from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of
+from proxy_patterns.plugins._dask_prometheus import expose
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies, store_keys_in
 from proxy_patterns.serialize import dumps
@@ -451,6 +452,7 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         self.store = get_store(self.store_spec)
         # Workers ask whose segments their results are (see ProxyWorkerPlugin).
         scheduler.handlers[OWNER_HANDLER] = lambda comm=None: process_tag()
+        expose(self)
 
     def _track(self, key: Any, nbytes: int) -> None:
         if key not in self._nbytes:

@@ -5,7 +5,8 @@ A *store spec* names a ProxyStore connector and where it keeps its bytes:
 =====================  ========================================================
 ``shm``                :class:`~proxy_patterns.shm.SharedMemoryConnector` on ``/dev/shm``
 ``shm:///some/tmpfs``  the same on another tmpfs directory (``?owner=PID-START``: whose
-                       segments they are, see :func:`spec_owned_by`)
+                       segments they are, see :func:`spec_owned_by`; ``?spare_bytes=1GiB``:
+                       how much of evicted segments to keep for reuse, 0 for none)
 ``file:///some/dir``   ProxyStore ``FileConnector`` (never deletes the directory on close)
 ``redis://host:port``  ProxyStore ``RedisConnector`` (multi-node)
 =====================  ========================================================
@@ -56,8 +57,15 @@ def connector_from_spec(spec: str) -> Connector[Any]:
     if url.scheme == "" and url.path == "shm":
         return SharedMemoryConnector(DEFAULT_DIRECTORY)
     if url.scheme == "shm":
-        owner = parse_qs(url.query).get("owner", [None])[0]
-        return SharedMemoryConnector(url.path or DEFAULT_DIRECTORY, owner=owner)
+        from dask.utils import parse_bytes
+
+        query = parse_qs(url.query)
+        owner = query.get("owner", [None])[0]
+        spare = query.get("spare_bytes", [None])[0]
+        spare_bytes = None if spare is None else parse_bytes(spare)
+        return SharedMemoryConnector(
+            url.path or DEFAULT_DIRECTORY, owner=owner, spare_bytes=spare_bytes
+        )
     if url.scheme == "file" and url.path:
         from proxystore.connectors.file import FileConnector
 
@@ -82,7 +90,7 @@ def spec_owned_by(spec: str | None, owner: str) -> str:
     connector = connector_from_spec(spec)
     if not isinstance(connector, SharedMemoryConnector):
         return spec
-    return f"shm://{connector.directory}?owner={owner}"
+    return f"shm://{connector.directory}?owner={owner}&spare_bytes={connector.spare_bytes}"
 
 
 def get_store(spec: str | None = None) -> Store[Any]:

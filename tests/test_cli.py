@@ -44,7 +44,7 @@ def test_bench_store_prints_every_backend_and_plots(tmp_path: Path) -> None:
     plot = tmp_path / "store.png"
     output = _run("bench", "store", "--quick", "--plot", str(plot))
     backends = {row[1] for row in _table_rows(output)}
-    expected = {"shm", "file", "redis", "pickle"}
+    expected = {"shm", "shm-fresh", "file", "redis", "pickle"}
     assert expected <= backends <= expected | {"shm-huge"}  # shm-huge: if a mount exists
     assert "resolve 100 MB >= 100x faster" in output and "put 100 MB within 2x" in output
     assert plot.stat().st_size > 10_000

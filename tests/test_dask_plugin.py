@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -600,6 +601,42 @@ def test_deleting_future_evicts_its_keys(env: Env) -> None:
     )
     assert env.stats()["keys_live"] == before["keys_live"]
     assert env.stats()["bytes_live"] == before["bytes_live"]
+
+
+def _scrape(cluster: LocalCluster) -> dict[str, float]:
+    """The plugin's samples on the scheduler's Prometheus endpoint."""
+    port = cluster.scheduler.http_server.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("dask_scheduler_proxy_patterns_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_counters_are_prometheus_metrics(env: Env) -> None:
+    before = _scrape(env.cluster)
+    assert set(before) == {
+        "dask_scheduler_proxy_patterns_proxied_bytes_total",
+        "dask_scheduler_proxy_patterns_evicted_keys_total",
+        "dask_scheduler_proxy_patterns_live_keys",
+        "dask_scheduler_proxy_patterns_live_bytes",
+    }
+    x = array(3 * MiB)
+    f = env.client.submit(double, x)
+    f.result()
+    during = _scrape(env.cluster)
+    assert during["dask_scheduler_proxy_patterns_live_keys"] == 2
+    assert during["dask_scheduler_proxy_patterns_live_bytes"] >= 2 * x.nbytes
+    proxied = "dask_scheduler_proxy_patterns_proxied_bytes_total"
+    assert during[proxied] - before[proxied] >= 2 * x.nbytes
+    del f
+    env.wait_empty()
+    evicted = "dask_scheduler_proxy_patterns_evicted_keys_total"
+    wait_until(lambda: _scrape(env.cluster)[evicted] - before[evicted] == 2)
+    assert _scrape(env.cluster)["dask_scheduler_proxy_patterns_live_keys"] == 0
 
 
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)

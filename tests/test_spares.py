@@ -15,7 +15,7 @@ from dask_helpers import wait_until
 from proxy_patterns import shm
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import SPARE_PREFIX, SharedMemoryConnector
-from proxy_patterns.store import count_keys, get_store, put
+from proxy_patterns.store import connector_from_spec, count_keys, get_store, put, spec_owned_by
 
 MiB = 2**20
 
@@ -52,6 +52,10 @@ def test_small_segments_and_a_zero_limit_keep_no_spares(shm_dir: str) -> None:
     connector.evict(connector.put(bytes(2 * MiB)))
     assert _spares(shm_dir) == [] and os.listdir(shm_dir) == []
     assert SharedMemoryConnector.from_config(connector.config()).spare_bytes == 0
+    spec = f"shm://{shm_dir}?spare_bytes=1MiB"
+    assert connector_from_spec(spec).spare_bytes == MiB  # type: ignore[attr-defined]
+    owned = connector_from_spec(spec_owned_by(spec, "1-2"))
+    assert owned.config() == {"directory": shm_dir, "owner": "1-2", "spare_bytes": MiB}
     small.close()
 
 

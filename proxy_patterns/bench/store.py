@@ -4,7 +4,9 @@ Backends, each put then resolved through a *fresh* proxy (pickled and unpickled,
 receives it; no store cache):
 
 * ``shm`` — this package's shared-memory store on ``/dev/shm`` (pickle-5 frames, mapped on
-  resolve), and ``shm-huge`` — the same on a huge-page tmpfs, when one is mounted (see
+  resolve), whose puts reuse the pages of the segments evicted before them; ``shm-fresh`` —
+  the same keeping no spare segments, so every put allocates new pages; and ``shm-huge`` —
+  the same as ``shm`` on a huge-page tmpfs, when one is mounted (see
   :func:`proxy_patterns.shm.huge_page_directories`);
 * ``file`` — ProxyStore's ``FileConnector`` on ``/dev/shm`` with its default serializer;
 * ``redis`` — ProxyStore's ``RedisConnector`` with its default serializer, on a local server;
@@ -18,6 +20,7 @@ that any put which copies the object once must pay at least.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import shutil
 import statistics
@@ -102,7 +105,11 @@ def _stores(redis: str | None) -> Iterator[dict[str, Store[Any]]]:
     from proxy_patterns.bench.redis_server import local_redis_server, redis_server_binary
 
     directory = tempfile.mkdtemp(prefix="pp-bench-", dir="/dev/shm")
-    stores: dict[str, Store[Any]] = {"shm": get_store(f"shm://{directory}")}
+    os.mkdir(f"{directory}/fresh")  # apart, so that it never finds the other store's spares
+    stores: dict[str, Store[Any]] = {
+        "shm": get_store(f"shm://{directory}"),
+        "shm-fresh": get_store(f"shm://{directory}/fresh?spare_bytes=0"),
+    }
     huge = huge_page_directories()
     if huge:
         stores["shm-huge"] = get_store(f"shm://{huge[0]}")
@@ -178,7 +185,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     if ("shm", GOAL_SIZE) in by:
         print(f"memcpy of 100 MB into fresh memory: {memcpy[GOAL_SIZE] * 1e3:.1f} ms")
         file = by["file", GOAL_SIZE]
-        for name in ("shm", "shm-huge"):
+        for name in ("shm", "shm-fresh", "shm-huge"):
             if (name, GOAL_SIZE) not in by:
                 continue
             shm = by[name, GOAL_SIZE]
