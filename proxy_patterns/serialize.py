@@ -19,7 +19,6 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-import xxhash
 from proxystore.serialize import BytesLike
 
 MAGIC = b"PPF1"
@@ -67,6 +66,8 @@ class Frames:
         A content token for deduplication that costs a third of ``dask.base.tokenize`` on
         large arrays (which hashes with xxh64), and covers every picklable object.
         """
+        import xxhash
+
         h = xxhash.xxh3_128()
         for chunk in self.chunks():
             h.update(chunk)
