@@ -237,8 +237,9 @@ class _Spares:
 
     Any process may claim a spare that nobody maps any more (see the module docstring) by
     renaming it. This process removes the spares it made once they have been idle for
-    :data:`SPARE_IDLE_SECONDS`, and all of them when it exits; the spares of a killed process
-    go with its stale segments.
+    :data:`SPARE_IDLE_SECONDS`, and all of them when it exits; the spares of a process that
+    exited without doing so (killed, or a forked child leaving by ``os._exit``) are removed by
+    whichever process lists the spares next.
     """
 
     def __init__(self, directory: str) -> None:
@@ -247,14 +248,30 @@ class _Spares:
         self._made: deque[tuple[float, str]] = deque()  # (deadline, path), oldest first
         self._reaper: threading.Thread | None = None
         atexit.register(self.remove_made)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked child owns none of its parent's spares, and has no reaper thread."""
+        self._lock = threading.Condition()
+        self._made = deque()
+        self._reaper = None
 
     def _list(self) -> list[_Spare]:
+        """The spares in the directory, once those of processes that are gone are removed."""
         spares = []
+        alive: dict[str, bool] = {process_tag(): True}
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if entry.name.startswith(SPARE_PREFIX):
-                    nbytes = entry.name[len(SPARE_PREFIX) :].split("-")[2]
+                if not entry.name.startswith(SPARE_PREFIX):
+                    continue
+                pid, start, nbytes, _ = entry.name[len(SPARE_PREFIX) :].split("-")
+                tag = f"{pid}-{start}"
+                if tag not in alive:
+                    alive[tag] = tag_alive(tag)
+                if alive[tag]:
                     spares.append(_Spare(entry.path, int(nbytes)))
+                else:
+                    _unlink(entry.path)
         return spares
 
     def offer(self, path: str, limit: int) -> None:

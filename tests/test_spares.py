@@ -156,6 +156,21 @@ def test_spares_of_a_dead_process_are_stale(shm_dir: str) -> None:
     assert not os.path.exists(stale)
 
 
+def test_a_forked_child_leaving_by_os_exit_leaves_no_spares(shm_store: Store[Any]) -> None:
+    directory = shm_store.connector.directory
+    key = put(shm_store, _filled(1.0))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child): evicts, then leaves without atexit handlers
+        shm_store.evict(key)
+        os._exit(0 if len(_spares(directory)) == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(_spares(directory)) == 1  # the child's spare, its maker gone
+    shm_store.evict(put(shm_store, _filled(2.0, 8 * MiB)))  # lists the spares: too large to reuse
+    (left,) = _spares(directory)  # the 8 MiB one, made here; the child's is gone
+    assert left.startswith(f"{SPARE_PREFIX}{shm.process_tag()}-")
+
+
 def test_spares_make_room_before_a_put_fails(
     shm_store: Store[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
