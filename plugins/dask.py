@@ -12,8 +12,9 @@ Three parts, each on the Dask hook made for its side:
   ``_graph_to_futures`` serializes the graph once, and if it is larger than the threshold,
   again with every large object replaced by a proxy (so the scheduler never receives the
   bytes); ``_gather`` resolves proxies in results, so users get real objects.
-* **workers** — a ``WorkerPlugin`` replaces each large result in ``worker.data`` by a proxy
-  right after the task finishes: dependents elsewhere receive the proxy, not the bytes.
+* **workers** — a ``WorkerPlugin`` replaces a large result in ``worker.data`` by a proxy the
+  first time it leaves its worker: dependents elsewhere and clients receive the proxy, not
+  the bytes, while tasks on the same worker use the object itself, never copied.
 * **scheduler** — a ``SchedulerPlugin`` owns every key the plugin created. A key is held by
   the tasks of every graph that carried it (sent as a task annotation) and by every task whose
   result contains it (reported by the worker); when the last holder is forgotten or released,
@@ -384,8 +385,12 @@ def _dispatched_types() -> tuple[type, ...]:
 
 
 class ProxyWorkerPlugin(WorkerPlugin):
-    """Replaces large task results in ``worker.data`` by proxies, and tells the scheduler.
+    """Replaces large task results in ``worker.data`` by proxies when they leave the worker,
+    and tells the scheduler.
 
+    A result stays a real object while only tasks on its own worker use it (a persisted
+    collection costs nothing), and is put in the store the first time another worker or a
+    client asks for it: from then on ``worker.data`` holds the proxy, which is what travels.
     Results are put in segments owned by the scheduler's process, not the worker's: a worker
     that is retired or restarted does not take results that Dask copied elsewhere with it.
     """
@@ -404,10 +409,33 @@ class ProxyWorkerPlugin(WorkerPlugin):
         self.results_policy = dataclasses.replace(
             self.policy, exclude=(*self.policy.exclude, *_dispatched_types())
         )
+        self._unproxied: set[Any] = set()  # results computed here, not yet looked at
+        # Wrapped, because no plugin hook runs when data leaves a worker: ``get_data`` is the
+        # one handler that serves results to other workers, clients and the scheduler.
+        self._serve_data = worker.handlers["get_data"]
+        worker.handlers["get_data"] = self._get_data
+
+    async def teardown(self, worker: Worker) -> None:
+        worker.handlers["get_data"] = self._serve_data
+
+    async def _get_data(self, comm: Any, keys: Any, **kwargs: Any) -> Any:
+        for key in keys:
+            if key in self._unproxied and key in self.worker.data:
+                self._unproxied.discard(key)
+                self._proxy_result(key)
+        return await self._serve_data(comm, keys=keys, **kwargs)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if finish != "memory" or start not in ("executing", "long-running"):
-            return  # only results computed here: not data fetched from peers or scattered
+        if finish == "memory" and start in ("executing", "long-running"):
+            # Only results computed here: not data fetched from peers or scattered.
+            self._unproxied.add(key)
+            held = store_keys_in(self.worker.data[key], self.policy.max_depth + 1)
+            if held:  # proxies the task passed through (e.g. dask.array aliases)
+                self.worker.log_event(RESULTS_TOPIC, {"data": pickle.dumps((key, [], held))})
+        elif start == "memory":
+            self._unproxied.discard(key)
+
+    def _proxy_result(self, key: Any) -> None:
         value = self.worker.data[key]
         created: list[tuple[Any, int]] = []
 
@@ -420,7 +448,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
         if proxied is not value:
             self.worker.data[key] = proxied
         held = store_keys_in(proxied, self.policy.max_depth + 1)
-        if held:  # new proxies, and proxies the task passed through (e.g. dask.array aliases)
+        if created:
             data = pickle.dumps((key, created, held))
             self.worker.log_event(RESULTS_TOPIC, {"data": data})
 

@@ -585,6 +585,21 @@ def test_result_read_by_dependents_on_every_worker(env: Env) -> None:
     env.wait_empty()
 
 
+def test_result_is_put_only_when_it_leaves_its_worker(env: Env) -> None:
+    a, b = env.workers()
+    n = 2 * MiB // 8
+    before = env.stats()["bytes_proxied"]
+    f = env.client.submit(filled, n, 3.0, workers=[a])
+    assert env.client.submit(total, f, 0, workers=[a]).result() == 3.0 * n
+    assert env.keys() == 0 and env.stats()["bytes_proxied"] == before  # it stayed on a
+    assert env.client.submit(total, f, 1, workers=[b]).result() == 3.0 * n
+    assert env.keys() == 1  # it moved to b as a proxy...
+    np.testing.assert_array_equal(f.result(), np.full(n, 3.0))
+    assert env.stats()["bytes_proxied"] - before == n * 8  # ...put once, also for the client
+    del f
+    env.wait_empty()
+
+
 # --- 5. eviction ---------------------------------------------------------------------------
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)
 def test_deleting_future_evicts_its_keys(env: Env) -> None:
@@ -648,7 +663,7 @@ def test_closing_client_with_futures_outstanding_empties_store(env: Env) -> None
         env.client.submit(filled, n, 2.0),
         env.client.submit(filled_after, 0.5, n, 1.0),  # still running at the close
     ]
-    wait(futures[:2])
+    env.client.gather(futures[:2])  # results are put in the store when they leave a worker
     assert env.keys() >= 3  # the argument and two results
     env.client.close()
     env.wait_empty()
@@ -662,7 +677,7 @@ def test_shutting_down_cluster_empties_store(module_shm_spec: str) -> None:
         register(client, threshold=THRESHOLD, store=module_shm_spec)
         x = array(3 * MiB)
         futures = [client.submit(double, x), client.submit(filled, n, 1.0)]
-        wait(futures)
+        client.gather(futures)
         assert count_keys(store) == 3
     try:
         wait_until(lambda: count_keys(store) == 0, message="store empty after shutdown")
@@ -675,7 +690,8 @@ def test_shutting_down_cluster_empties_store(module_shm_spec: str) -> None:
 def test_result_on_lost_worker_is_recomputed(env: Env, how: str) -> None:
     n = 2 * MiB // 8
     f = env.client.submit(filled, n, 5.0)
-    wait(f)
+    f.result()  # served once: the worker now holds a proxy of it
+    env.wait_keys(1)
     [holder] = env.client.who_has([f])[f.key]
     if how == "restart_workers":
         env.client.restart_workers([holder])
