@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from stat import S_ISDIR
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,8 @@ class Trace:
 
 def _store_usage(directory: str) -> tuple[int, int]:
     """(bytes, objects) in ``directory``: each segment once, however many names it has (a
-    segment being published is briefly both its temporary and its final name)."""
+    segment being published is briefly both its temporary and its final name). Reference
+    records are directories, also while they are built under a temporary name: not counted."""
     sizes: dict[int, int] = {}
     for name in os.listdir(directory):
         if name.startswith(SEGMENT_PREFIX) and not name.endswith(REFS_SUFFIX):
@@ -175,7 +177,8 @@ def _store_usage(directory: str) -> tuple[int, int]:
                 stat = os.stat(os.path.join(directory, name))
             except FileNotFoundError:
                 continue
-            sizes[stat.st_ino] = stat.st_size
+            if not S_ISDIR(stat.st_mode):
+                sizes[stat.st_ino] = stat.st_size
     return sum(sizes.values()), len(sizes)
 
 
