@@ -10,7 +10,8 @@ redis-server is available):
 * ``d`` — 2000 tiny tasks, one ``submit`` each, gathered.
 
 Each workload runs once untimed (on a fresh machine the first touch of memory is several times
-slower, for every mode alike), then ``repeats`` times per mode (median reported). After each
+slower, for every mode alike; with the plugin, later puts also reuse the pages of segments the
+run before evicted), then ``repeats`` times per mode (median reported). After each
 run the store must drain to zero keys; the table shows the keys left.
 """
 
