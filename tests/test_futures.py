@@ -251,3 +251,33 @@ def test_with_the_dask_plugin_a_graph_holds_the_future(
         while count_keys(shm_store) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert count_keys(shm_store) == 0
+
+
+# --- with Globus Compute -------------------------------------------------------------------
+GLOBUS_COMPUTE_PAYLOAD_LIMIT = 10 * 2**20  # the web service refuses larger task payloads
+
+
+def test_globus_compute_submission_of_an_unset_future_returns_at_once(
+    shm_store: Store[Any],
+) -> None:
+    """The SDK's own batch serialization (what ``Executor.submit`` sends) takes the proxy of
+    a value that does not exist yet, without resolving it; the endpoint side resolves it."""
+    import uuid
+
+    from globus_compute_sdk.sdk.batch import Batch
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    fut: ProxyFuture[np.ndarray] = ProxyFuture(shm_store)
+    batch = Batch(task_group_id=None)
+    start = time.monotonic()
+    batch.add(uuid.uuid4(), args=(fut.proxy(),))
+    assert time.monotonic() - start < 1.0, "serializing the task waited for the value"
+    [[payload]] = batch.tasks.values()
+    assert len(payload) < 10_000 < GLOBUS_COMPUTE_PAYLOAD_LIMIT
+    fut.set_result(np.ones(2 * GLOBUS_COMPUTE_PAYLOAD_LIMIT // 8))  # twice what it could carry
+    serde = ComputeSerializer()  # the endpoint's side, also the SDK's
+    args, kwargs = (serde.deserialize(b) for b in serde.unpack_buffers(payload))
+    assert kwargs == {}
+    assert float(np.asarray(args[0]).sum()) == 2 * GLOBUS_COMPUTE_PAYLOAD_LIMIT // 8
+    del args
+    fut.evict()
