@@ -73,6 +73,7 @@ def measured_cluster(
             cwd=tmp,  # not the caller's: `python -m` would import a source tree found there
         )
         workers = None
+        address: str | None = None
         try:
             _wait_for(scheduler_file, scheduler, timeout)
             with open(scheduler_file) as f:
@@ -101,9 +102,15 @@ def measured_cluster(
                 client.wait_for_workers(n_workers, timeout=timeout)
             yield address, SchedulerProbe(address)
         finally:
+            if address is not None:  # quicker than SIGTERM, on which nannies wait seconds
+                with contextlib.suppress(Exception), Client(address, timeout=5) as client:
+                    client.shutdown()
             for proc in (workers, scheduler):
                 if proc is not None:
-                    proc.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5 if address is not None else 0)
+                    if proc.poll() is None:
+                        proc.terminate()
             for proc in (workers, scheduler):
                 if proc is not None:
                     try:
