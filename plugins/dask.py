@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import pickle
 import threading
 import weakref
@@ -66,6 +67,8 @@ from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxi
 from proxy_patterns.serialize import dumps
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
+
+logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "proxy-patterns"
 ANNOTATION = "proxy_patterns"
@@ -436,6 +439,8 @@ class ProxyWorkerPlugin(WorkerPlugin):
             self._unproxied.discard(key)
 
     def _proxy_result(self, key: Any) -> None:
+        """Put ``key``'s large parts in the store; if that fails, it leaves by value, as in
+        plain Dask (a store that is full must not fail the transfer)."""
         value = self.worker.data[key]
         created: list[tuple[Any, int]] = []
 
@@ -444,7 +449,15 @@ class ProxyWorkerPlugin(WorkerPlugin):
             created.append((key_of(p), self.policy.size_of(obj)))
             return p
 
-        proxied = self.results_policy.apply(value, make_proxy)
+        try:
+            proxied = self.results_policy.apply(value, make_proxy)
+        except Exception:
+            for created_key, _ in created:
+                self.store.evict(created_key)
+            logger.warning(
+                "result %r is sent by value: it could not be put in the store", key, exc_info=True
+            )
+            return
         if proxied is not value:
             self.worker.data[key] = proxied
         held = store_keys_in(proxied, self.policy.max_depth + 1)

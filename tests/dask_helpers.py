@@ -100,6 +100,15 @@ def dd_concat(parts: list[Any]) -> Any:
     return concat(parts)
 
 
+def callables(n: int) -> np.ndarray:
+    """A large result that plain pickle cannot serialize (local functions), but Dask can."""
+
+    def one() -> int:
+        return 1
+
+    return np.array([one] * n, dtype=object)
+
+
 def filled(n: int, value: float) -> np.ndarray:
     """A large result made on the worker: ``n`` float64 values all equal to ``value``."""
     return np.full(n, value)

@@ -46,6 +46,7 @@ from dask_helpers import (
     RefusesProxyingPass,
     SlowFactory,
     array,
+    callables,
     dd_concat,
     double,
     filled,
@@ -597,6 +598,17 @@ def test_result_is_put_only_when_it_leaves_its_worker(env: Env) -> None:
     np.testing.assert_array_equal(f.result(), np.full(n, 3.0))
     assert env.stats()["bytes_proxied"] - before == n * 8  # ...put once, also for the client
     del f
+    env.wait_empty()
+
+
+def test_result_the_store_cannot_take_leaves_by_value(env: Env) -> None:
+    f = env.client.submit(callables, 2 * MiB // 8)  # 2 MiB of object pointers: proxied
+    r = f.result()
+    assert type(r) is np.ndarray and r[0]() == 1
+    assert env.keys() == 0
+    failed = [msg for _, msg in env.client.get_scheduler_logs() if str(f.key) in msg]
+    assert not failed, "the transfer failed at first (the result was recomputed)"
+    del f, r
     env.wait_empty()
 
 
