@@ -11,7 +11,8 @@ redis-server is available):
 
 Each workload runs once untimed (on a fresh machine the first touch of memory is several times
 slower, for every mode alike; with the plugin, later puts also reuse the pages of segments the
-run before evicted), then ``repeats`` times per mode (median reported). After each
+run before evicted), then ``repeats`` times per mode (5; the median is reported, so that the
+slower runs right after the warm-up and the machine's noise weigh less). After each
 run the store must drain to zero keys; the table shows the keys left.
 """
 
@@ -146,7 +147,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     from proxy_patterns.shm import huge_page_directories
 
     scale = 0.2 if quick else 1.0
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     inputs = {w.name: w.prepare(scale) for w in WORKLOADS}
     with contextlib.ExitStack() as stack:
         modes: dict[str, str | None] = {"plain": None, "shm": "shm"}
