@@ -170,8 +170,7 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
     names = set(os.listdir(directory))
     for name in names:
         if name.startswith(SPARE_PREFIX):
-            pid, start, *_ = name[len(SPARE_PREFIX) :].split("-")
-            if not tag_alive(f"{pid}-{start}"):
+            if not tag_alive(_spare_maker_and_size(name)[0]):
                 _unlink(os.path.join(directory, name))
             continue
         if not name.startswith(SEGMENT_PREFIX):
@@ -232,6 +231,12 @@ class _Spare(NamedTuple):
     nbytes: int
 
 
+def _spare_maker_and_size(name: str) -> tuple[str, int]:
+    """The :func:`process_tag` of the process that made a spare, and its size, from its name."""
+    pid, start, nbytes, _ = name[len(SPARE_PREFIX) :].split("-")
+    return f"{pid}-{start}", int(nbytes)
+
+
 class _Spares:
     """Evicted segments of one directory kept for reuse, shared by every process using it.
 
@@ -264,12 +269,11 @@ class _Spares:
             for entry in entries:
                 if not entry.name.startswith(SPARE_PREFIX):
                     continue
-                pid, start, nbytes, _ = entry.name[len(SPARE_PREFIX) :].split("-")
-                tag = f"{pid}-{start}"
+                tag, nbytes = _spare_maker_and_size(entry.name)
                 if tag not in alive:
                     alive[tag] = tag_alive(tag)
                 if alive[tag]:
-                    spares.append(_Spare(entry.path, int(nbytes)))
+                    spares.append(_Spare(entry.path, nbytes))
                 else:
                     _unlink(entry.path)
         return spares
@@ -522,7 +526,7 @@ class SharedMemoryConnector:
     def evict(self, key: SharedMemoryKey) -> None:
         """Remove the segment; existing views on it stay valid until they are dropped.
 
-        If no process maps it, its pages are kept as a spare for a later put.
+        A large segment is kept as a spare: a later put rewrites its pages once nobody maps it.
         """
         path = self.path(key)
         self._spares.offer(path, self.spare_bytes)
