@@ -9,12 +9,15 @@ Three parts, each on the Dask hook made for its side:
 
 * **client** — Dask has no client plugin type, so two methods of the given client instance are
   wrapped (the only places every graph leaves and every result arrives):
-  ``_graph_to_futures`` serializes the graph once, and if it is larger than the threshold,
-  again with every large object replaced by a proxy (so the scheduler never receives the
-  bytes); ``_gather`` resolves proxies in results, so users get real objects.
-* **workers** — a ``WorkerPlugin`` replaces a large result in ``worker.data`` by a proxy the
-  first time it leaves its worker: dependents elsewhere and clients receive the proxy, not
-  the bytes, while tasks on the same worker use the object itself, never copied.
+  ``_graph_to_futures`` pickles the graph once, judging each task argument by its serialized
+  size on the way (:mod:`proxy_patterns.policy`) and replacing a large one by a proxy, so the
+  scheduler never receives the bytes; ``_gather`` materializes proxies in results, so users
+  get real objects.
+* **workers** — a ``WorkerPlugin`` gives each task its arguments, and the results it depends
+  on, as real objects (mapped from the store) when it starts, and replaces a large result in
+  ``worker.data`` by a proxy the first time it leaves its worker: dependents elsewhere and
+  clients receive the proxy, not the bytes, while tasks on the same worker use the object
+  itself, never copied.
 * **scheduler** — a ``SchedulerPlugin`` owns every key the plugin created. A key is held by
   the tasks of every graph that carried it (sent as a task annotation) and by every task whose
   result contains it (reported by the worker); when the last holder is forgotten or released,
@@ -35,6 +38,7 @@ the ``distributed.client.preload`` config (clients).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -50,11 +54,12 @@ import cloudpickle
 import dask
 import dask.config
 from dask._expr import Expr
-from dask._task_spec import GraphNode
+from dask._task_spec import DataNode, GraphNode, Task, TaskRef
 from dask.base import annotate, normalize_token
 from dask.highlevelgraph import HighLevelGraph, Layer
 from dask.sizeof import sizeof
 from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
+from distributed.client import _MapExpr
 from distributed.protocol import pickle as dask_pickle
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from proxystore.proxy import Proxy, get_factory
@@ -63,8 +68,16 @@ from proxy_patterns.futures import pickled_futures
 from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of
 from proxy_patterns.plugins._dask_prometheus import expose
 from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import held, key_of, map_proxies, proxy, resolve_proxies, store_keys_in
-from proxy_patterns.serialize import dumps
+from proxy_patterns.proxy import (
+    TransitProxy,
+    held,
+    key_of,
+    map_proxies,
+    materialize,
+    proxy,
+    store_keys_in,
+)
+from proxy_patterns.serialize import Frames
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -114,39 +127,61 @@ def _deserialize_graph(header: dict[str, Any], frames: list[Any]) -> Any:
     return dask_pickle.loads(frames[0], buffers=frames[1:])
 
 
-# Never judged as a whole: pickle walks into them and judges what they hold, so a dict of arrays
-# becomes a dict of proxies and the graph's own structure is never hidden in a proxy.
-_WALKED_TYPES: tuple[type, ...] = (
-    list,
-    tuple,
-    dict,
-    set,
-    frozenset,
-    GraphNode,
-    Expr,
-    HighLevelGraph,
-    Layer,
-)
+# The structure of a graph: never judged as task data, only walked by the pickler (a
+# container holding them is walked too, so that no graph node is ever hidden in a proxy).
+_GRAPH_TYPES: tuple[type, ...] = (GraphNode, TaskRef, Expr, HighLevelGraph, Layer)
 
 
-class _ProxyingPickler(cloudpickle.Pickler):
-    """Pickles a graph with every large object in it replaced by a proxy."""
+class _GraphPickler(cloudpickle.Pickler):
+    """Pickles a task graph once, with every large task argument replaced by its proxy.
 
-    def __init__(
-        self, file: io.BytesIO, policy: ProxyPolicy, make_proxy: Callable[[Any], Any], **kw: Any
-    ) -> None:
+    Task data sits in a few places of a graph: the arguments of each ``Task``, the value of
+    each ``DataNode``, the per-task argument lists of a ``client.map``, and non-builtin objects
+    anywhere (expression operands such as a pandas frame). Pickle calls this hook for every
+    object except builtins (``bytes``, ``str``, lists, dicts, ...), so arguments are judged here,
+    from the task that holds them; whatever else reaches the hook is judged as it comes.
+    ``judge`` returns an object, its proxy, or a ``Serialized`` of the frames made to measure it.
+    """
+
+    def __init__(self, file: io.BytesIO, judge: Callable[[Any], Any], **kw: Any) -> None:
         super().__init__(file, protocol=5, **kw)
-        self.policy = policy
-        self.make_proxy = make_proxy
+        self.judge = judge
 
     def reducer_override(self, obj: Any) -> Any:
-        if (
-            not isinstance(obj, type)
-            and not issubclass(type(obj), _WALKED_TYPES)
-            and self.policy.should_proxy(obj)
-        ):
-            return self.make_proxy(obj).__reduce__()
+        cls = type(obj)
+        if issubclass(cls, Task):  # and the container tasks, whose args are their items
+            args = tuple(map(self.judge, obj.args))
+            kwargs = {name: self.judge(value) for name, value in obj.kwargs.items()}
+            if _changed(args, obj.args) or _changed(kwargs.values(), obj.kwargs.values()):
+                task = copy.copy(obj)
+                task.args, task.kwargs = args, kwargs
+                return task.__reduce_ex__(5)
+        elif cls is DataNode:
+            value = self.judge(obj.value)
+            if value is not obj.value:
+                return DataNode, (obj.key, value)
+        elif cls is _MapExpr:
+            return self._reduce_map(obj)
+        elif not issubclass(cls, _GRAPH_TYPES):
+            judged = self.judge(obj)
+            if judged is not obj:
+                return judged.__reduce_ex__(5)
         return super().reducer_override(obj)
+
+    def _reduce_map(self, expr: Any) -> Any:
+        """``client.map``'s expression holds each argument position as a list of per-task
+        arguments: each item is one task's argument."""
+        reconstruct, (cls, *operands, token, cache) = expr.__reduce__()
+        position = {name: i for i, name in enumerate(cls._parameters)}
+        iterables = operands[position["iterables"]]
+        operands[position["iterables"]] = [list(map(self.judge, it)) for it in iterables]
+        kwargs = operands[position["kwargs"]]
+        operands[position["kwargs"]] = {name: self.judge(v) for name, v in kwargs.items()}
+        return reconstruct, (cls, *operands, token, cache)
+
+
+def _changed(new: Any, old: Any) -> bool:
+    return any(a is not b for a, b in zip(new, old, strict=True))
 
 
 @dataclass
@@ -175,7 +210,7 @@ class DaskProxyPlugin:
         resolve_results: bool = True,
     ) -> None:
         self.client = client
-        self.policy = policy
+        self.policy = dataclasses.replace(policy, exclude=(*policy.exclude, *_GRAPH_TYPES))
         self.store_spec = store_spec
         self.resolve_results = resolve_results
         self.store = get_store(store_spec)
@@ -199,29 +234,11 @@ class DaskProxyPlugin:
         self.client.unsubscribe_topic(_idle_topic(self.client.id))
 
     def _submit_graph(self, expr: Any, keys: Any, *args: Any, **kwargs: Any) -> Any:
-        buffers: list[Any] = []
-        try:
-            with pickled_futures() as futures:
-                stream = dask_pickle.dumps(
-                    expr, buffer_callback=lambda b: buffers.append(memoryview(b))
-                )
-        except Exception as e:
-            raise TypeError(f"could not serialize the task graph: {e}") from e
-        nbytes = len(stream) + sum(memoryview(b).nbytes for b in buffers)
-        if nbytes <= int(self.policy.threshold) and not futures:
-            return self._graph_to_futures(
-                _SerializedGraph([stream, *buffers]), keys, *args, **kwargs
-            )
+        with pickled_futures() as futures:
+            frames, carried = self._pickle_graph(expr)
+        if not carried and not futures:
+            return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
         held_futures = _hold_futures(futures)  # for the scheduler, which takes them over
-        carried: dict[Any, _Argument] = {}
-        try:
-            if nbytes <= int(self.policy.threshold):
-                frames = [stream, *buffers]
-            else:
-                frames, carried = self._proxy_graph(expr)
-        except BaseException:
-            _release_futures(held_futures)
-            raise
         try:
             arguments = [(key, a.nbytes) for key, a in carried.items()]
             with annotate(**{ANNOTATION: pickle.dumps((arguments, held_futures))}):
@@ -235,21 +252,20 @@ class DaskProxyPlugin:
                     argument.pending -= 1
                     argument.outputs.update(keys)
 
-    def _proxy_graph(self, expr: Any) -> tuple[list[Any], dict[Any, _Argument]]:
-        """Pickle ``expr`` with its large objects proxied; (frames, arguments it carries)."""
+    def _pickle_graph(self, expr: Any) -> tuple[list[Any], dict[Any, _Argument]]:
+        """Pickle ``expr`` once, its large arguments proxied; (frames, arguments it carries)."""
         carried: dict[Any, _Argument] = {}
         created: list[Any] = []
 
-        def make_proxy(obj: Any) -> Proxy[Any]:
-            frames = dumps(obj)
+        def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
             token = frames.digest()  # content, so that an object changed in place is put anew
             with self._lock:
                 argument = self._carry(self._by_token.get(token), carried)
             if argument is not None:
                 return argument.proxy
             # Put outside the lock: the event loop's idle handler must not wait for a copy.
-            p = proxy(self.store, obj, keep_target=False, frames=frames)
-            new = _Argument(p, self.policy.size_of(obj), token)
+            p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
+            new = _Argument(p, frames.nbytes, token)
             with self._lock:
                 existing = self._by_token.get(token)  # another thread may have put it too
                 if existing is None:
@@ -264,12 +280,10 @@ class DaskProxyPlugin:
 
         buffers: list[Any] = []
         stream = io.BytesIO()
+        judge = self.policy.judge(make_proxy, keep_frames=True)
         try:
-            _ProxyingPickler(
-                stream,
-                self.policy,
-                make_proxy,
-                buffer_callback=lambda b: buffers.append(memoryview(b)),
+            _GraphPickler(
+                stream, judge, buffer_callback=lambda b: buffers.append(memoryview(b))
             ).dump(expr)
         except Exception as e:
             with self._lock:
@@ -320,7 +334,7 @@ class DaskProxyPlugin:
         result = await self._gather(futures, *args, **kwargs)
         if not self.resolve_results:
             return self._held_results(futures, result)
-        return resolve_proxies(result, depth=self.policy.max_depth + 2)
+        return materialize(result, depth=self.policy.max_depth + 2)
 
     def _held_results(self, futures: Any, result: Any) -> Any:
         """Lazy results: each proxy holds a future on the key of the task that made it.
@@ -339,7 +353,7 @@ class DaskProxyPlugin:
             )
         if type(futures) is dict:
             return {k: self._held_results(f, result[k]) for k, f in futures.items()}
-        return resolve_proxies(result, depth=self.policy.max_depth + 2)
+        return materialize(result, depth=self.policy.max_depth + 2)
 
     # --- user-facing -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -374,28 +388,17 @@ def _scheduler_stats(dask_scheduler: Scheduler) -> dict[str, int]:
     return plugin.stats()
 
 
-def _dispatched_types() -> tuple[type, ...]:
-    """Result types Dask's own functions dispatch on by exact type: never proxied on workers.
-
-    dask.dataframe looks up ``concat``, ``make_meta`` & co. by ``type(partition)``; a proxy's
-    type is the proxy's, so pandas partitions must reach them as they are.
-    """
-    try:
-        import pandas
-    except ImportError:
-        return ()
-    return (pandas.DataFrame, pandas.Series, pandas.Index)
-
-
 class ProxyWorkerPlugin(WorkerPlugin):
-    """Replaces large task results in ``worker.data`` by proxies when they leave the worker,
-    and tells the scheduler.
+    """Gives tasks real objects, and replaces large task results in ``worker.data`` by proxies
+    when they leave the worker, telling the scheduler.
 
-    A result stays a real object while only tasks on its own worker use it (a persisted
-    collection costs nothing), and is put in the store the first time another worker or a
-    client asks for it: from then on ``worker.data`` holds the proxy, which is what travels.
-    Results are put in segments owned by the scheduler's process, not the worker's: a worker
-    that is retired or restarted does not take results that Dask copied elsewhere with it.
+    A task starting here gets its arguments and the results it depends on materialized
+    (mapped from shared memory): its function runs exactly as on plain Dask. A result stays
+    a real object while only tasks on its own worker use it (a persisted collection costs
+    nothing), and is put in the store the first time another worker or a client asks for it:
+    from then on ``worker.data`` holds the proxy, which is what travels. Results are put in
+    segments owned by the scheduler's process, not the worker's: a worker that is retired or
+    restarted does not take results that Dask copied elsewhere with it.
     """
 
     name = PLUGIN_NAME
@@ -409,9 +412,6 @@ class ProxyWorkerPlugin(WorkerPlugin):
         self.worker = worker
         owner = await getattr(worker.scheduler, OWNER_HANDLER)()
         self.store = get_store(spec_owned_by(self.store_spec, owner))
-        self.results_policy = dataclasses.replace(
-            self.policy, exclude=(*self.policy.exclude, *_dispatched_types())
-        )
         self._unproxied: set[Any] = set()  # results computed here, not yet looked at
         # Wrapped, because no plugin hook runs when data leaves a worker: ``get_data`` is the
         # one handler that serves results to other workers, clients and the scheduler.
@@ -429,7 +429,10 @@ class ProxyWorkerPlugin(WorkerPlugin):
         return await self._serve_data(comm, keys=keys, **kwargs)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if finish == "memory" and start in ("executing", "long-running"):
+        if finish == "executing":  # before the Execute instruction reads the run_spec
+            ts = self.worker.state.tasks[key]
+            ts.run_spec = _materializing(ts.run_spec, self.policy.max_depth + 1)
+        elif finish == "memory" and start in ("executing", "long-running"):
             # Only results computed here: not data fetched from peers or scattered.
             self._unproxied.add(key)
             held = store_keys_in(self.worker.data[key], self.policy.max_depth + 1)
@@ -444,13 +447,13 @@ class ProxyWorkerPlugin(WorkerPlugin):
         value = self.worker.data[key]
         created: list[tuple[Any, int]] = []
 
-        def make_proxy(obj: Any) -> Proxy[Any]:
-            p = proxy(self.store, obj, keep_target=False)
-            created.append((key_of(p), self.policy.size_of(obj)))
+        def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
+            p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
+            created.append((key_of(p), frames.nbytes))
             return p
 
         try:
-            proxied = self.results_policy.apply(value, make_proxy)
+            proxied = self.policy.apply(value, make_proxy)
         except Exception:
             for created_key, _ in created:
                 self.store.evict(created_key)
@@ -464,6 +467,40 @@ class ProxyWorkerPlugin(WorkerPlugin):
         if created:
             data = pickle.dumps((key, created, held))
             self.worker.log_event(RESULTS_TOPIC, {"data": data})
+
+
+class _Materialized:
+    """A task function that receives its arguments materialized (see :func:`materialize`).
+
+    Task arguments are the proxies the client put in the graph and the results the task
+    depends on, which reach a worker as proxies when they were computed elsewhere.
+    """
+
+    def __init__(self, func: Callable[..., Any], depth: int) -> None:
+        self.func = func
+        self.depth = depth
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*materialize(args, self.depth), **materialize(kwargs, self.depth))
+
+
+def _materializing(spec: Any, depth: int) -> Any:
+    """``spec`` (a task's run_spec) with its function, and those of the tasks fused into it,
+    given their arguments materialized; other graph nodes (aliases, data, containers of
+    results) pass their values on as they are."""
+    if type(spec) is not Task or type(spec.func) is _Materialized or spec.is_coro:
+        return spec
+    args = spec.args
+    if spec.has_subgraph():  # _execute_subgraph(inner_dsk, outkey, inkeys, *dependencies)
+        inner = {key: _materializing(task, depth) for key, task in args[0].items()}
+        args = (inner, *args[1:])
+    return Task(
+        spec.key,
+        _Materialized(spec.func, depth),
+        *args,
+        _data_producer=spec.data_producer,
+        **spec.kwargs,
+    )
 
 
 class ProxySchedulerPlugin(SchedulerPlugin):

@@ -11,18 +11,22 @@
 DataFlowKernel scales, configures and monitors executors by class. Two methods of that one
 instance are replaced (other executors of the Config are untouched):
 
-* ``submit`` puts each argument above the threshold in the store (once per distinct content
-  while apps use it) and sends a proxy instead; the app function is wrapped so that the
-  worker puts a large result in the store and sends back a proxy. The bytes never pass
-  through the HTEX interchange. ``AppFuture.result()`` is that proxy: it behaves as the
-  object (its class is known, it resolves on first use, zero-copy on shared memory), and
-  passed to another app it stays a small proxy that the dependent worker reads from the store.
+* ``submit`` puts each argument whose serialized size is above the threshold in the store (once
+  per distinct content while apps use it) and sends a proxy instead; the app function is
+  wrapped so that the worker gives the app its arguments as real objects (mapped from the
+  store) and puts a large result in the store, sending back a proxy. The bytes never pass
+  through the HTEX interchange. ``AppFuture.result()`` is the real object (mapped on shared
+  memory), as without the plugin; passed on to a dependent app, it travels as the proxy it
+  came as, not by value.
 * ``shutdown`` (called by ``DataFlowKernel.cleanup()``) evicts what is left.
 
-Lifetimes rest on :mod:`proxy_patterns.ownership`'s reference records: an argument is held by
-every app that received it until the app is done; a result is held by its proxy in this
-process (the AppFuture's result and every copy the user keeps) and by every dependent app
-until it is done.
+Lifetimes rest on :mod:`proxy_patterns.ownership`'s reference records and never on when Python
+frees an object (log handlers that keep records, such as pytest's, keep ``AppFuture`` objects alive
+at will): an argument is held by every app that received it until the app is done; a result
+is held until it is delivered and the apps already waiting for it have been handed its proxy,
+then by each of those apps until it is done. The delivered object itself lives in the
+process as long as anything refers to it; on shared memory it is a mapping, valid after its
+key is evicted.
 
 In-process executors (``ThreadPoolExecutor``) serialize nothing, so proxying could only add
 cost: :func:`proxied` leaves them as they are unless ``in_process=True``.
@@ -37,22 +41,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dask.base import tokenize
-from parsl.dataflow.memoization import id_for_memo
+import parsl
+from parsl.errors import NoDataFlowKernelError
 from parsl.executors import ThreadPoolExecutor
 from parsl.executors.base import ParslExecutor
 from parsl.serialize.errors import SerializationError
-from proxystore.proxy import Proxy, get_factory
-from proxystore.store.factory import StoreFactory
+from proxystore.proxy import Proxy
 
 from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
-from proxy_patterns.policy import ProxyPolicy
-from proxy_patterns.proxy import held, is_proxy, key_of, map_proxies, proxy, store_keys_in
-from proxy_patterns.serialize import dumps
+from proxy_patterns.policy import DEFAULT_THRESHOLD, ProxyPolicy
+from proxy_patterns.proxy import TransitProxy, key_of, materialize, proxy
+from proxy_patterns.serialize import Frames
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
-DEFAULT_THRESHOLD = "1 MiB"
 E = TypeVar("E", bound=ParslExecutor)
 
 
@@ -65,10 +67,11 @@ class _ProxiedResult:
 
     value: Any
     created: tuple[Any, ...]
+    nbytes: int
 
 
 class _ProxyingApp:
-    """The app function as the worker runs it: large results are put in the store.
+    """The app function as the worker runs it: real arguments in, large results to the store.
 
     Segments are named for the submitting process (``owner``): a worker that exits does not
     take results with it, and the submitting process's records decide when they go.
@@ -81,43 +84,59 @@ class _ProxyingApp:
         self.__name__ = getattr(func, "__name__", type(func).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.func(*args, **kwargs)
+        depth = self.policy.max_depth + 1
+        result = self.func(*materialize(args, depth), **materialize(kwargs, depth))
         store = get_store(self.store_spec)
         created: list[Any] = []
+        nbytes = 0
 
-        def make_proxy(obj: Any) -> Proxy[Any]:
-            p = proxy(store, obj, keep_target=False)
+        def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
+            nonlocal nbytes
+            p = proxy(store, obj, keep_target=False, frames=frames, cls=TransitProxy)
             created.append(key_of(p))
+            nbytes += frames.nbytes
             return p
 
-        proxied = self.policy.apply(result, make_proxy)
-        return _ProxiedResult(proxied, tuple(created)) if created else result
+        try:
+            proxied = self.policy.apply(result, make_proxy)
+        except Exception:  # the store cannot take it (full): it goes by value, as in Parsl
+            for key in created:
+                store.evict(key)
+            return result
+        return _ProxiedResult(proxied, tuple(created), nbytes) if created else result
 
 
-class _ResultHold:
-    """The hold of a result's proxies in this process; released when they are all gone."""
+@dataclass
+class _Holds:
+    """The store keys one app (or one delivered result) holds, released once."""
 
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release: Callable[[], None] | None = release
-        self._lock = threading.Lock()
+    holders: list[tuple[Any, str]]
 
-    def release(self) -> None:
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
+    def take(self) -> list[tuple[Any, str]]:
+        holders, self.holders = self.holders, []
+        return holders
 
-    def __del__(self) -> None:
-        self.release()
+
+@dataclass
+class _Delivered:
+    """A result given to the DataFlowKernel: the object, the proxied form it came as, and the
+    hold on its keys that lasts until the apps already waiting for it are submitted."""
+
+    value: Any
+    proxied: Any
+    holds: _Holds
 
 
 class ParslProxyPlugin:
     """The state :func:`proxied` attaches to one executor (``executor.proxy_patterns``)."""
 
-    def __init__(self, executor: ParslExecutor, policy: ProxyPolicy, store_spec: str) -> None:
+    def __init__(
+        self, executor: ParslExecutor, policy: ProxyPolicy, store_spec: str, in_process: bool
+    ) -> None:
         self.executor = executor
         self.policy = policy
         self.store_spec = store_spec
+        self.in_process = in_process
         self.store = get_store(store_spec)
         self.table = ref_table_for(self.store)
         self._submit = executor.submit
@@ -125,9 +144,10 @@ class ParslProxyPlugin:
         self._lock = threading.Lock()
         self._arguments: dict[str, Any] = {}  # content token -> argument proxy in the store
         self._token_of: dict[Any, str] = {}  # and back, from its key
-        self._results: set[Any] = set()  # keys of results whose proxies are alive here
-        self._holds: weakref.WeakSet[_ResultHold] = weakref.WeakSet()
+        self._delivered: dict[int, _Delivered] = {}  # by id of the delivered object
+        self._holds: dict[int, _Holds] = {}  # of apps not done yet, and of delivered results
         self._apps: dict[int, _ProxyingApp] = {}
+        self.bytes_proxied = 0
 
     def install(self) -> None:
         self.executor.submit = self.submit  # type: ignore[method-assign]
@@ -135,25 +155,25 @@ class ParslProxyPlugin:
         self.executor.proxy_patterns = self  # type: ignore[attr-defined]
 
     # --- arguments ------------------------------------------------------------------------
-    def _hold_argument(self, obj: Any, holders: list[tuple[Any, str]]) -> Proxy[Any]:
-        frames = dumps(obj)
+    def _hold_argument(self, obj: Any, frames: Frames, holds: _Holds) -> Proxy[Any]:
         token = frames.digest()
         with self._lock:
             known = self._arguments.get(token)
             if known is not None:
                 try:
-                    holders.append((key_of(known), self.table.add(key_of(known), "ref")))
+                    holds.holders.append((key_of(known), self.table.add(key_of(known), "ref")))
                     return known  # type: ignore[no-any-return]
                 except ReferenceInvalidError:  # its last app finished meanwhile
                     self._forget_argument(key_of(known))
-            p = proxy(self.store, obj, keep_target=False, frames=frames)
+            p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
             try:
-                holders.append((key_of(p), self.table.create(key_of(p))))
+                holds.holders.append((key_of(p), self.table.create(key_of(p))))
             except BaseException:
                 self.store.evict(key_of(p))
                 raise
             self._arguments[token] = p
             self._token_of[key_of(p)] = token
+            self.bytes_proxied += frames.nbytes
             return p
 
     def _forget_argument(self, key: Any) -> None:
@@ -161,31 +181,53 @@ class ParslProxyPlugin:
         if token is not None:
             del self._arguments[token]
 
-    def _hold_passed_results(self, value: Any, holders: list[tuple[Any, str]]) -> None:
-        """A result proxy passed on to another app is held until that app is done."""
-        for key in store_keys_in(value, self.policy.max_depth + 1):
-            if key in self._results:
-                holders.append((key, self.table.add(key, "ref")))
+    def _passed_on(self, value: Any, holds: _Holds) -> Any:
+        """The proxied form of a result delivered earlier, held for the app it is passed to,
+        or None (the DataFlowKernel hands a dependent app the very object it delivered)."""
+        with self._lock:
+            delivered = self._delivered.get(id(value))
+            if delivered is None or delivered.value is not value:
+                return None
+            try:
+                for key, _ in delivered.holds.holders:
+                    holds.holders.append((key, self.table.add(key, "ref")))
+            except ReferenceInvalidError:
+                return None
+            return delivered.proxied
 
-    def _proxy_argument(
-        self, name: str, value: Any, holders: list[tuple[Any, str]], unstored: list[str]
-    ) -> Any:
-        """``value`` with its large parts proxied; one that cannot be put in the store is left
-        for Parsl to serialize (its serializer may manage), and noted in ``unstored``."""
-        self._hold_passed_results(value, holders)
-        try:
-            return self.policy.apply(value, lambda obj: self._hold_argument(obj, holders))
-        except ReferenceInvalidError:
-            raise
-        except Exception as e:
-            unstored.append(f"argument {name} (a {type(value).__name__}): {e}")
+    def _proxy_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], holds: _Holds
+    ) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
+        """The arguments with their large parts proxied, and the reasons why objects that could
+        not be put in the store were left for Parsl to serialize (its serializer may manage)."""
+        unpicklable: list[tuple[Any, Exception]] = []
+        reasons: list[str] = []
+        judge = self.policy.judge(
+            lambda obj, frames: self._hold_argument(obj, frames, holds),
+            keep_frames=not self.in_process,
+            unpicklable=unpicklable,
+        )
+
+        def argument(name: str, value: Any) -> Any:
+            passed = self._passed_on(value, holds)
+            if passed is not None:
+                return passed
+            value = judge(value)
+            reasons.extend(f"argument {name} (a {type(o).__name__}: {e})" for o, e in unpicklable)
+            unpicklable.clear()
             return value
 
-    def _drop(self, holders: list[tuple[Any, str]]) -> None:
-        for key, holder in holders:
+        args = tuple(argument(str(i), a) for i, a in enumerate(args))
+        kwargs = {name: argument(name, value) for name, value in kwargs.items()}
+        return args, kwargs, reasons
+
+    def _drop(self, holds: _Holds) -> None:
+        """Release ``holds``; keys left with no holder are evicted by their record."""
+        with self._lock:
+            self._holds.pop(id(holds), None)
+        for key, holder in holds.take():
             if self.table.drop(key, holder):
                 with self._lock:
-                    self._results.discard(key)
                     self._forget_argument(key)
 
     # --- the executor's methods -----------------------------------------------------------
@@ -196,15 +238,11 @@ class ParslProxyPlugin:
         *args: Any,
         **kw: Any,
     ) -> Future[Any]:
-        """Submit with large arguments as proxies; the returned future's result is a proxy
-        when the app's result was large."""
-        holders: list[tuple[Any, str]] = []
-        unstored: list[str] = []
+        """Submit with large arguments as proxies; the returned future's result is the real
+        object, its large parts mapped from the store."""
+        holds = self._new_holds()
         try:
-            args = tuple(
-                self._proxy_argument(str(i), a, holders, unstored) for i, a in enumerate(args)
-            )
-            kw = {name: self._proxy_argument(name, v, holders, unstored) for name, v in kw.items()}
+            args, kw, unstored = self._proxy_arguments(args, kw, holds)
             try:
                 inner = self._submit(self._app(func), resource_specification, *args, **kw)
             except SerializationError as e:
@@ -215,16 +253,22 @@ class ParslProxyPlugin:
                     f"proxy-patterns could not put {reasons} in store {self.store_spec!r}"
                 )
         except BaseException:
-            self._drop(holders)  # nothing of a failed submission stays in the store
+            self._drop(holds)  # nothing of a failed submission stays in the store
             raise
         outer: Future[Any] = Future()
         if hasattr(inner, "parsl_executor_task_id"):  # read by the DataFlowKernel's logging
             outer.parsl_executor_task_id = inner.parsl_executor_task_id  # type: ignore[attr-defined]
         # A weak reference: Parsl's result thread keeps the last finished inner future (and
-        # so this callback) alive, which must not keep the result's proxies alive.
+        # so this callback) alive, which must not keep the outer future alive.
         outer_ref = weakref.ref(outer)
-        inner.add_done_callback(lambda done: self._complete(done, outer_ref(), holders))
+        inner.add_done_callback(lambda done: self._complete(done, outer_ref(), holds))
         return outer
+
+    def _new_holds(self) -> _Holds:
+        holds = _Holds([])
+        with self._lock:
+            self._holds[id(holds)] = holds
+        return holds
 
     def _app(self, func: Callable[..., Any]) -> _ProxyingApp:
         # One wrapper per function: Parsl caches serialized functions by identity.
@@ -235,77 +279,91 @@ class ParslProxyPlugin:
                 app = self._apps[id(func)] = _ProxyingApp(func, self.policy, owned_by_us)
             return app
 
-    def _complete(
-        self, done: Future[Any], outer: Future[Any] | None, holders: list[tuple[Any, str]]
-    ) -> None:
-        self._drop(holders)
-        exception = done.exception()
-        result = None if exception is not None else done.result()
-        if outer is None:  # nobody waits for it any more (the DataFlowKernel was cleaned up)
+    def _complete(self, done: Future[Any], outer: Future[Any] | None, holds: _Holds) -> None:
+        """The app is done: release its arguments, deliver its result (any error, ours too,
+        reaches the AppFuture: an app must never hang)."""
+        delivered: _Delivered | None = None
+        try:
+            self._drop(holds)
+            result = done.result()
             if isinstance(result, _ProxiedResult):
-                for key in result.created:
-                    self.store.evict(key)
+                delivered = self._deliver(result)
+                result = delivered.value
+        except BaseException as e:
+            if outer is not None:
+                outer.set_exception(e)
+            if delivered is not None:
+                self._release_delivered(delivered)
             return
-        if exception is not None:
-            outer.set_exception(exception)
+        if outer is None:  # nobody waits for it any more (the DataFlowKernel was cleaned up)
+            if delivered is not None:
+                self._release_delivered(delivered)
             return
-        if isinstance(result, _ProxiedResult):
-            result = self._hold_result(result)
-        outer.set_result(result)
+        outer.set_result(result)  # the DataFlowKernel queues the launch of waiting apps
+        if delivered is not None:
+            self._after_queued_launches(lambda: self._release_delivered(delivered))
 
-    def _hold_result(self, result: _ProxiedResult) -> Any:
-        """Record the result's keys, held by its proxies in this process until they are gone."""
-        owners = [(key, self.table.create(key)) for key in result.created]
+    def _deliver(self, result: _ProxiedResult) -> _Delivered:
+        """Record the result's keys, materialize it, and remember it to pass it on by proxy."""
+        holds = self._new_holds()
+        holds.holders = [(key, self.table.create(key)) for key in result.created]
         with self._lock:
-            self._results.update(result.created)
-        hold = _ResultHold(lambda: self._drop(owners))
-        self._holds.add(hold)
-        created = set(result.created)
+            self.bytes_proxied += result.nbytes
+        try:
+            value = materialize(result.value, self.policy.max_depth + 1)
+        except BaseException:
+            self._drop(holds)
+            raise
+        delivered = _Delivered(value, result.value, holds)
+        with self._lock:
+            self._delivered[id(value)] = delivered
+        return delivered
 
-        def hold_if_created(p: Proxy[Any]) -> Proxy[Any]:
-            if key_of(p) not in created:
-                return p
-            _memoize_proxies_by_key(object.__getattribute__(p, "__proxy_default_class__"))
-            return held(p, hold)
+    def _release_delivered(self, delivered: _Delivered) -> None:
+        with self._lock:
+            if self._delivered.get(id(delivered.value)) is delivered:
+                del self._delivered[id(delivered.value)]
+        self._drop(delivered.holds)
 
-        return map_proxies(result.value, hold_if_created, self.policy.max_depth + 1)
+    def _after_queued_launches(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the DataFlowKernel has launched the apps it queued so far.
+
+        Setting a result makes the DataFlowKernel queue the launch of every app waiting for it
+        (on its one launch thread, in order): ``fn`` is queued after them. If the executor's
+        DataFlowKernel cannot be found, ``fn`` runs at once and a waiting app gets the result
+        put in the store again rather than its proxy: slower, never wrong.
+        """
+        try:
+            dfk = parsl.dfk()
+            if dfk.executors.get(self.executor.label) is not self.executor:
+                raise NoDataFlowKernelError("not this executor's DataFlowKernel")
+            dfk._task_launch_pool.submit(fn)
+        except (NoDataFlowKernelError, AttributeError, RuntimeError):  # none, or shut down
+            fn()
 
     def shutdown(self, *args: Any, **kwargs: Any) -> Any:
         """Shut the executor down, then evict every result and argument still in the store."""
         try:
             return self._shutdown(*args, **kwargs)
         finally:
-            for hold in list(self._holds):
-                hold.release()
+            with self._lock:
+                delivered = list(self._delivered.values())
+                holds = list(self._holds.values())
+            for d in delivered:
+                self._release_delivered(d)
+            for h in holds:
+                self._drop(h)
 
     def keys_held(self) -> int:
         """Store keys of arguments and results this executor holds now."""
         with self._lock:
-            return len(set(self._token_of) | self._results)
+            return len({key for h in self._holds.values() for key, _ in h.holders})
 
-
-_memo_classes: set[type] = set()
-_memo_lock = threading.Lock()
-
-
-def _memoize_proxies_by_key(cls: type) -> None:
-    """Make Parsl's app caching hash our proxies claiming to be ``cls`` by key, unresolved.
-
-    ``id_for_memo`` dispatches on ``obj.__class__``, which a proxy answers with its target's
-    class; so the handler of that class is wrapped, and passes every other object on.
-    """
-    with _memo_lock:
-        if cls in _memo_classes:
-            return
-        _memo_classes.add(cls)
-        original = id_for_memo.dispatch(cls)
-
-        def id_for_memo_by_key(obj: Any, output_ref: bool = False) -> bytes:
-            if is_proxy(obj) and isinstance(get_factory(obj), StoreFactory):
-                return tokenize("proxy-patterns", key_of(obj)).encode()
-            return original(obj, output_ref=output_ref)
-
-        id_for_memo.register(cls, id_for_memo_by_key)
+    def stats(self) -> dict[str, int]:
+        """Bytes proxied so far (arguments put, results delivered), and keys held now."""
+        with self._lock:
+            bytes_proxied = self.bytes_proxied
+        return {"bytes_proxied": bytes_proxied, "keys_held": self.keys_held()}
 
 
 def proxied(
@@ -319,7 +377,8 @@ def proxied(
 
     Args:
         executor: A Parsl executor, not started yet (put it in the ``Config``).
-        threshold: Objects larger than this travel by proxy (``"1 MiB"``-style strings work).
+        threshold: Objects whose serialized size is larger travel by proxy (``"1 MiB"``-style
+            strings work).
         store: Store spec (``shm``, ``redis://host:port``, ...); default
             ``$PROXY_PATTERNS_STORE``, else ``shm``.
         in_process: Also proxy for executors that run apps in this process
@@ -333,5 +392,5 @@ def proxied(
     if isinstance(executor, ThreadPoolExecutor) and not in_process:
         return executor
     spec = store if store is not None else default_spec()
-    ParslProxyPlugin(executor, ProxyPolicy(threshold), spec).install()
+    ParslProxyPlugin(executor, ProxyPolicy(threshold), spec, in_process).install()
     return executor

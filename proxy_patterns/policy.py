@@ -1,14 +1,19 @@
-"""Decide which task arguments and results travel by reference.
+"""Decide which task arguments and results travel by reference: by their serialized size.
 
 Moving a large object through a scheduler costs a serialization and a copy per hop, while a proxy
-costs a few hundred bytes and is resolved only where the object is used. Proxying small objects
-buys nothing and adds a store round trip, and proxying the wrong things breaks the frameworks:
-a future hidden inside a proxy is no longer seen, so its dependency is never resolved. Every
-integration therefore asks this one module, so that Dask, Parsl and Globus Compute make the same
-choice for the same object.
+costs a few hundred bytes. What a framework sends is the *serialized* object, so that is the
+size that decides, whatever the type: a dataclass holding 50 MB of ``bytes`` is 50 MB, though
+``sys.getsizeof`` (and so ``dask.sizeof``, which falls back to it) calls it 56 bytes. Objects
+whose serialized size is known without serializing them (``bytes``, ``bytearray``, ``memoryview``,
+ASCII ``str``, numpy arrays of numbers) are measured directly; any other object is serialized to
+be measured, and those frames are the ones that are stored, or that travel in its place when
+it stays below the threshold (:class:`~proxy_patterns.serialize.Serialized`): every object is
+serialized once.
 
-The module holds no store: callers pass ``make_proxy``, which stores an object and returns its
-proxy. Dask is imported lazily so that importing the policy stays cheap and framework-free.
+Proxying the wrong things breaks the frameworks: a future hidden inside a proxy is no longer
+seen, so its dependency is never resolved. Every integration therefore asks this one module, so
+that Dask, Parsl and Globus Compute make the same choice for the same object. The module holds
+no store: callers pass ``make_proxy``, which stores the frames of an object and returns a proxy.
 """
 
 from __future__ import annotations
@@ -23,10 +28,18 @@ from typing import Any, TypeVar, cast
 
 from proxystore.proxy import Proxy
 
+from proxy_patterns.serialize import Frames, PickleRefused, Serialized, dumps
+
 T = TypeVar("T")
 
-# Never worth a store round trip: scalars are tiny, and the serializer sends classes, functions
-# and modules by name (or, for lambdas, as small code objects).
+DEFAULT_THRESHOLD = "1 MiB"
+"""Objects whose serialized size is larger travel by proxy, unless configured otherwise."""
+
+MakeProxy = Callable[[Any, Frames], Any]
+"""Stores an object, given its frames (``serialize.dumps(obj)``), and returns its proxy."""
+
+# Never worth a store round trip: scalars are tiny, and pickle sends classes, functions and
+# modules by name (or, for lambdas, as small code objects).
 _TRIVIAL_TYPES: tuple[type, ...] = (
     type(None),
     bool,
@@ -39,6 +52,14 @@ _TRIVIAL_TYPES: tuple[type, ...] = (
     types.MethodType,
     types.ModuleType,
 )
+_CONTAINER_TYPES = (list, tuple, dict, set, frozenset)
+_BOUNDED_DEPTH = 2
+_BOUNDED_ITEMS = 64
+_UNBOUNDED = sys.maxsize
+
+SERIALIZED_MIN_BYTES = 64 * 1024
+"""Smaller objects are serialized again rather than carried as
+:class:`~proxy_patterns.serialize.Serialized` frames, which cost more to build and unpack."""
 
 
 def _is_future(cls: type) -> bool:
@@ -55,29 +76,74 @@ def _is_future(cls: type) -> bool:
     return isinstance(future, type) and issubclass(cls, future)
 
 
+def known_nbytes(obj: Any) -> int | None:
+    """The size of ``obj``'s serialized data if it is known without serializing it, else None.
+
+    Exact for ``bytes``, ``bytearray``, ``memoryview``, ASCII ``str`` (one byte per character
+    in UTF-8) and numpy arrays of non-object dtypes, up to the few bytes of pickle's framing.
+    """
+    cls = type(obj)
+    if cls is bytes or cls is bytearray:
+        return len(obj)
+    if cls is memoryview:
+        return int(obj.nbytes)
+    if cls is str:
+        return len(obj) if obj.isascii() else None
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and cls is numpy.ndarray and not obj.dtype.hasobject:
+        return int(obj.nbytes)
+    return None
+
+
+def _bounded_nbytes(obj: Any, depth: int) -> int:
+    """An upper bound of ``obj``'s serialized size found without serializing it, for the
+    scalars, short strings and small containers of them that fill task graphs (``sys.maxsize``
+    if there is none): these are never worth serializing just to learn that they are small."""
+    cls = type(obj)
+    if cls in (type(None), bool, float, complex, range):
+        return 64
+    if cls is slice:
+        parts = (obj.start, obj.stop, obj.step)
+        return 16 + sum(_bounded_nbytes(part, depth) for part in parts)
+    if cls is int:
+        return 16 + int(obj.bit_length()) // 8
+    if cls is str or cls is bytes:
+        return 16 + 4 * len(obj)
+    if depth > 0 and cls in (tuple, list, set, frozenset, dict) and len(obj) <= _BOUNDED_ITEMS:
+        items = [*obj, *obj.values()] if cls is dict else obj
+        return 16 + sum(_bounded_nbytes(item, depth - 1) for item in items)
+    return _UNBOUNDED
+
+
 @dataclass(frozen=True)
 class ProxyPolicy:
-    """Which objects to replace by proxies, and how far into containers to look.
+    """Which objects to replace by proxies, judged by their serialized size.
 
     Every check uses ``type(obj)``: ``isinstance`` reads ``__class__``, which resolves a proxy,
     fetching the very object the proxy exists to keep away.
 
-    Containers (``list``, ``tuple``, ``dict`` and their subclasses) are walked rather than
-    proxied whole, so a task receiving ``[a, b, c]`` gets three proxies it can resolve one at a
-    time instead of one proxy that fetches everything. A container that holds a proxy, a future
-    or an excluded object is never proxied whole, since that would hide the item all the same.
+    Containers (``list``, ``tuple``, ``dict``, ``set``, ``frozenset`` and their subclasses) are
+    judged **as a whole**: a list of 100 000 small records, or a dict of many 100 kB arrays, is
+    one proxy when its serialized size is above the threshold, and so is a list holding one
+    large array. One serialization measures the whole container, where judging each member
+    would cost one serialization and one store key per member, and the task that receives the
+    container resolves it whole anyway. A container that holds something that must stay visible
+    to the framework (a proxy, a future, an object of an excluded type) is never hidden inside
+    a proxy: it is walked instead, to ``max_depth`` levels, and each of its members is judged
+    on its own.
 
     Attributes:
-        threshold: Objects whose estimated size is strictly greater are proxied. Accepts
+        threshold: Objects whose serialized size is strictly greater are proxied. Accepts
             ``"1 MiB"``-style strings; always an ``int`` after construction.
-        include: If non-empty, only instances of these types are proxied.
+        include: If non-empty, only instances of these types are proxied (containers of other
+            types are walked, to find them).
         exclude: Instances of these types are never proxied nor walked into; takes precedence
-            over ``include``.
-        max_depth: How many levels of nested containers are walked; deeper containers are
-            treated as single objects.
+            over ``include``. Containers holding one are walked, never proxied whole.
+        max_depth: How many levels of containers holding such objects are walked; deeper ones
+            are left as they are.
     """
 
-    threshold: int | str = "1 MiB"
+    threshold: int | str = DEFAULT_THRESHOLD
     include: tuple[type, ...] = ()
     exclude: tuple[type, ...] = ()
     max_depth: int = 2
@@ -99,57 +165,114 @@ class ProxyPolicy:
             raise ValueError(f"max_depth must not be negative, got {self.max_depth!r}")
         object.__setattr__(self, "threshold", threshold)
 
-    def size_of(self, obj: object) -> int:
-        """Estimate the in-memory size of ``obj`` in bytes, without serializing it."""
-        from dask.sizeof import sizeof
-
-        return int(sizeof(obj))
-
-    def should_proxy(self, obj: object) -> bool:
-        """Whether ``obj`` itself, taken as a whole, should be replaced by a proxy."""
-        cls = type(obj)
-        if self._pinned(cls) or issubclass(cls, _TRIVIAL_TYPES):
-            return False
-        if self.include and not issubclass(cls, self.include):
-            return False
-        return self.size_of(obj) > cast(int, self.threshold)
-
-    def apply(self, obj: T, make_proxy: Callable[[Any], Any]) -> T:
-        """Return ``obj``, a proxy of it, or a copy of the container with its large items proxied.
-
-        An object found several times is stored once and its proxy reused. When nothing is
-        replaced, ``obj`` itself is returned.
-        """
-        proxies: dict[int, Any] = {}
-        return cast(T, self._apply(obj, make_proxy, self.max_depth, proxies)[0])
-
-    def _pinned(self, cls: type) -> bool:
-        """Whether instances of ``cls`` must reach the framework as they are."""
+    def pinned(self, cls: type) -> bool:
+        """Whether instances of ``cls`` must reach the framework as they are (proxies,
+        futures, excluded types), and so must never be hidden inside a proxy."""
         return issubclass(cls, Proxy) or _is_future(cls) or issubclass(cls, self.exclude)
 
-    def _apply(
-        self, obj: Any, make_proxy: Callable[[Any], Any], depth: int, proxies: dict[int, Any]
-    ) -> tuple[Any, bool]:
-        """Return ``obj`` or its replacement, and whether it holds something pinned."""
-        if id(obj) in proxies:
-            return proxies[id(obj)], False
+    def judge(
+        self,
+        make_proxy: MakeProxy,
+        *,
+        keep_frames: bool = False,
+        unpicklable: list[tuple[Any, Exception]] | None = None,
+    ) -> Callable[[Any], Any]:
+        """A function that returns each object it is given, a proxy of it, or a copy of the
+        container with members proxied; each distinct object is judged once.
+
+        Args:
+            make_proxy: Called with an object above the threshold and its frames.
+            keep_frames: Return an object that had to be serialized to be measured, and stays,
+                as a :class:`~proxy_patterns.serialize.Serialized` of those frames when they
+                are large enough for a second serialization to cost more than carrying them
+                (for a caller that pickles what it is given).
+            unpicklable: Objects that could not be serialized are left as they are (the
+                framework may have a way to send them) and, with their error, added here.
+        """
+        judgement = _Judgement(self, make_proxy, keep_frames, unpicklable)
+        return lambda obj: judgement.value(obj, self.max_depth)[0]
+
+    def apply(
+        self,
+        obj: T,
+        make_proxy: MakeProxy,
+        *,
+        keep_frames: bool = False,
+        unpicklable: list[tuple[Any, Exception]] | None = None,
+    ) -> T:
+        """``obj`` judged alone (see :meth:`judge`); ``obj`` itself if nothing is replaced."""
+        judge = self.judge(make_proxy, keep_frames=keep_frames, unpicklable=unpicklable)
+        return cast(T, judge(obj))
+
+
+class _Judgement:
+    """One :meth:`ProxyPolicy.apply`: the replacement of each object met, by ``id``."""
+
+    def __init__(
+        self,
+        policy: ProxyPolicy,
+        make_proxy: MakeProxy,
+        keep_frames: bool,
+        unpicklable: list[tuple[Any, Exception]] | None,
+    ) -> None:
+        self.policy = policy
+        self.threshold = cast(int, policy.threshold)
+        self.make_proxy = make_proxy
+        self.keep_frames = keep_frames
+        self.unpicklable = unpicklable
+        self.done: dict[int, tuple[Any, bool]] = {}
+
+    def value(self, obj: Any, depth: int) -> tuple[Any, bool]:
+        """``obj`` or its replacement, and whether it holds something pinned."""
+        if id(obj) not in self.done:
+            self.done[id(obj)] = self._judge(obj, depth)
+        return self.done[id(obj)]
+
+    def _judge(self, obj: Any, depth: int) -> tuple[Any, bool]:
         cls = type(obj)
-        if self._pinned(cls):
+        policy = self.policy
+        if policy.pinned(cls):
             return obj, True
-        if depth > 0 and issubclass(cls, (list, tuple, dict)):
-            is_dict = issubclass(cls, dict)
-            values = list(obj.values()) if is_dict else list(obj)
-            results = [self._apply(v, make_proxy, depth - 1, proxies) for v in values]
-            new_values = [new for new, _ in results]
-            if any(new is not old for new, old in zip(new_values, values, strict=True)):
-                items = dict(zip(obj, new_values, strict=True)) if is_dict else new_values
-                return rebuild_container(cls, items), False
-            if any(pinned for _, pinned in results):
-                return obj, True
-        if self.should_proxy(obj):
-            proxies[id(obj)] = make_proxy(obj)
-            return proxies[id(obj)], False
-        return obj, False
+        if issubclass(cls, _TRIVIAL_TYPES):
+            return obj, False
+        excluded = policy.include and not issubclass(cls, policy.include)
+        is_container = issubclass(cls, _CONTAINER_TYPES)
+        if excluded and not is_container:
+            return obj, False
+        nbytes = known_nbytes(obj)
+        if nbytes is not None:
+            return (self.make_proxy(obj, dumps(obj)) if nbytes > self.threshold else obj), False
+        if _bounded_nbytes(obj, _BOUNDED_DEPTH) <= self.threshold:
+            return obj, False
+        if excluded:
+            return self._walk(obj, depth, pinned=False)
+        try:
+            frames = dumps(obj, refuse=policy.pinned)
+        except PickleRefused:  # it holds something pinned: never hidden in a proxy
+            return self._walk(obj, depth, pinned=True) if is_container else (obj, True)
+        except Exception as e:
+            if self.unpicklable is not None:
+                self.unpicklable.append((obj, e))
+            return obj, False
+        if frames.nbytes > self.threshold:
+            return self.make_proxy(obj, frames), False
+        keep = self.keep_frames and frames.nbytes >= SERIALIZED_MIN_BYTES
+        return (Serialized(frames) if keep else obj), False
+
+    def _walk(self, obj: Any, depth: int, pinned: bool) -> tuple[Any, bool]:
+        """Judge each member of a container; the container itself is kept (rebuilt if a
+        member was replaced). Beyond ``max_depth`` it is left as it is, ``pinned`` or not."""
+        if depth <= 0:
+            return obj, pinned
+        is_dict = isinstance(obj, dict)
+        values = list(obj.values()) if is_dict else list(obj)
+        results = [self.value(v, depth - 1) for v in values]
+        new_values = [new for new, _ in results]
+        pinned = any(p for _, p in results)
+        if all(new is old for new, old in zip(new_values, values, strict=True)):
+            return obj, pinned
+        items = dict(zip(obj, new_values, strict=True)) if is_dict else new_values
+        return rebuild_container(type(obj), items), pinned
 
 
 def rebuild_container(cls: type, items: list[Any] | dict[Any, Any]) -> Any:
@@ -159,5 +282,5 @@ def rebuild_container(cls: type, items: list[Any] | dict[Any, Any]) -> Any:
             return cls(*items)
         return cls(items)
     except TypeError:
-        base = next(b for b in (dict, list, tuple) if issubclass(cls, b))
+        base = next(b for b in _CONTAINER_TYPES if issubclass(cls, b))
         return base(items)

@@ -11,6 +11,13 @@ proxied chunk into ``list(p)``. :class:`OpaqueProxy` fixes each of these once, f
 * it stays an ``OpaqueProxy`` when pickled.
 
 User code that touches the value resolves it as usual.
+
+:class:`TransitProxy` is the proxy a plugin makes for a task argument or result it moves: it
+only *travels*. The task, a dependent task and the client get the object itself
+(:func:`materialize`, a mapping on shared memory), so C extensions, the buffer protocol and
+``type(x) is`` behave as without the plugin; a Python-level proxy cannot export the buffer
+protocol before Python 3.12. Proxies a user makes (futures, :func:`proxy`, owned references)
+stay lazy where they go, as the user asked.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from proxystore.proxy import Proxy, extract, get_factory
+from proxystore.proxy import Proxy, get_factory
 from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
@@ -37,7 +44,19 @@ _FRAMEWORK_PROTOCOLS = ("__dask_",)
 
 
 def _rebuild(factory: Callable[[], T], default_class: Any, default_hash: Any) -> OpaqueProxy[T]:
-    p: OpaqueProxy[T] = OpaqueProxy(factory)
+    return _with_defaults(OpaqueProxy(factory), default_class, default_hash)
+
+
+def _rebuild_transit(
+    factory: Callable[[], T], default_class: Any, default_hash: Any
+) -> TransitProxy[T]:
+    return _with_defaults(TransitProxy(factory), default_class, default_hash)
+
+
+P = TypeVar("P", bound="OpaqueProxy[Any]")
+
+
+def _with_defaults(p: P, default_class: Any, default_hash: Any) -> P:
     object.__setattr__(p, "__proxy_default_class__", default_class)
     object.__setattr__(p, "__proxy_default_hash__", default_hash)
     return p
@@ -87,14 +106,27 @@ class OpaqueProxy(Proxy[T]):
         object.__delattr__(self, "__proxy_target__")
 
     def __reduce__(self) -> Any:
-        return _rebuild, (
+        return _rebuild, self._state()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+    def _state(self) -> tuple[Any, Any, Any]:
+        return (
             object.__getattribute__(self, "__proxy_factory__"),
             object.__getattribute__(self, "__proxy_default_class__"),
             object.__getattribute__(self, "__proxy_default_hash__"),
         )
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        return self.__reduce__()
+
+class TransitProxy(OpaqueProxy[T]):
+    """The proxy of an object a plugin moves for a task: resolved where the task starts, by
+    :func:`materialize`, so user code never sees it (see the module docstring)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> Any:
+        return _rebuild_transit, self._state()
 
 
 class HeldProxy(OpaqueProxy[T]):
@@ -145,9 +177,14 @@ def is_proxy(obj: object) -> bool:
 
 
 def proxy(
-    store: Store[Any], obj: T, *, keep_target: bool = True, frames: Frames | None = None
+    store: Store[Any],
+    obj: T,
+    *,
+    keep_target: bool = True,
+    frames: Frames | None = None,
+    cls: type[OpaqueProxy[Any]] = OpaqueProxy,
 ) -> OpaqueProxy[T]:
-    """Put ``obj`` in ``store`` and return an :class:`OpaqueProxy` of it.
+    """Put ``obj`` in ``store`` and return an :class:`OpaqueProxy` (or ``cls``) of it.
 
     The proxy knows its target's class either way. With ``keep_target`` it also holds the
     object itself (no resolve needed in this process); without, the object can be freed and
@@ -156,7 +193,7 @@ def proxy(
     """
     key = put(store, obj, frames)
     factory: StoreFactory[Any, T] = StoreFactory(key, store_config=store.config())
-    p: OpaqueProxy[T] = OpaqueProxy(factory, cache_defaults=True, target=obj)
+    p: OpaqueProxy[T] = cls(factory, cache_defaults=True, target=obj)
     unhashable = object.__getattribute__(p, "__proxy_default_hash__")
     if isinstance(unhashable, BaseException):
         # Cached to be re-raised by hash(p); its traceback would pin the caller's frames.
@@ -207,6 +244,18 @@ def store_keys_in(obj: Any, depth: int) -> list[Any]:
     return keys
 
 
-def resolve_proxies(obj: Any, depth: int) -> Any:
-    """``obj`` with every proxy in it (and in its containers, to ``depth``) resolved."""
-    return map_proxies(obj, extract, depth)
+def materialize(obj: Any, depth: int) -> Any:
+    """``obj`` with every :class:`TransitProxy` in it, and in its containers to ``depth``,
+    replaced by the object it stands for (what the task, or the client, receives).
+
+    The proxy itself is left unresolved (a proxy kept by a framework must not pin the object
+    it stands for); a container that was proxied whole is materialized in turn. Other proxies
+    (futures, the user's own) are left as they are.
+    """
+
+    def resolve(p: Proxy[Any]) -> Any:
+        if type(p) is not TransitProxy:
+            return p
+        return materialize(get_factory(p)(), depth)
+
+    return map_proxies(obj, resolve, depth)

@@ -2,8 +2,9 @@
 
 ProxyStore's default serializer pickles in band: a 100 MB array is copied into the pickle
 stream on put and copied out again on resolve. Here the pickle stream only describes the
-object; the large buffers (numpy arrays, pandas blocks, big ``bytes``) travel as separate
-frames, 64-byte aligned in one payload::
+object; the large buffers (numpy arrays, pandas and Arrow buffers, ``memoryview``s, and a
+``bytes`` object serialized on its own) travel as separate frames, 64-byte aligned in one
+payload::
 
     b"PPF1" | n: u32 | n x length: u64 | padding | frame 0 (pickle) | padding | frame 1 | ...
 
@@ -13,18 +14,19 @@ a reader given a memoryview of the payload gets back objects that are views on i
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import io
 import pickle
 import struct
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from proxystore.serialize import BytesLike
 
 MAGIC = b"PPF1"
 ALIGNMENT = 64
-# `bytes` cannot be pickled out of band on its own; above this size it is sent as a buffer.
-_BYTES_OUT_OF_BAND = 64 * 1024
 _COUNT = struct.Struct("<4sI")
 _LENGTH = struct.Struct("<Q")
 
@@ -33,13 +35,89 @@ def _padding(offset: int) -> int:
     return -offset % ALIGNMENT
 
 
+def _memoryview_of(buffer: Any, format: Any, shape: tuple[int, ...]) -> memoryview:
+    return memoryview(buffer).cast("B").cast(format, shape)
+
+
+def _reduce_memoryview(view: memoryview) -> Any:
+    """A ``memoryview`` (which pickle refuses) as an out-of-band buffer; it comes back as a
+    view of the same format and shape, on the store's bytes."""
+    contiguous = view if view.c_contiguous else memoryview(view.tobytes())
+    return _memoryview_of, (pickle.PickleBuffer(contiguous), view.format, view.shape)
+
+
+class _BytesBuffer:
+    """A ``bytes`` object serialized on its own: pickle copies ``bytes`` into its stream (no
+    hook reaches them), so a top-level one is sent as an out-of-band buffer instead."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Any:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+class PickleRefused(Exception):
+    """A serialization met an object its caller asked to be told about (see :func:`dumps`)."""
+
+    def __init__(self, obj: object) -> None:
+        super().__init__(f"met a {type(obj).__name__}")
+        self.obj = obj
+
+
+class _ByValue(Exception):
+    """The object refers to ``__main__``, which other processes cannot import."""
+
+
+_DISPATCH_TABLE = {**copyreg.dispatch_table, memoryview: _reduce_memoryview}
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+
+
 class _Pickler(pickle.Pickler):
-    """Pickler that also sends large ``bytes`` out of band (numpy does this itself)."""
+    """The C pickler, sending ``memoryview``s out of band, stopping at references to
+    ``__main__`` (see :func:`dumps`) and at objects of the types ``refuse`` names.
+
+    ``reducer_override`` runs for every object except the builtins pickle handles itself
+    (``None``, ``bool``, ``int``, ``float``, ``bytes``, ``str``, ``list``, ``tuple``,
+    ``dict``, ``set``, ``frozenset``): a list of plain records costs no Python call.
+    """
+
+    def __init__(
+        self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
+    ) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.dispatch_table = _DISPATCH_TABLE
+        self.refuse = refuse
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is bytes and len(obj) > _BYTES_OUT_OF_BAND:
-            return bytes, (pickle.PickleBuffer(obj),)
+        cls = type(obj)
+        if self.refuse is not None and self.refuse(cls):
+            raise PickleRefused(obj)
+        if (issubclass(cls, type) or cls in _FUNCTION_TYPES) and obj.__module__ == "__main__":
+            raise _ByValue
         return NotImplemented
+
+
+@functools.cache
+def _cloud_pickler() -> Callable[..., pickle.Pickler]:
+    """cloudpickle's pickler with :class:`_Pickler`'s additions (imported on first use: most
+    objects never need it)."""
+    import cloudpickle
+
+    class CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def __init__(
+            self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
+        ) -> None:
+            super().__init__(file, protocol=5, buffer_callback=buffers.append)
+            self.dispatch_table = _DISPATCH_TABLE
+            self.refuse = refuse
+
+        def reducer_override(self, obj: Any) -> Any:
+            if self.refuse is not None and self.refuse(type(obj)):
+                raise PickleRefused(obj)
+            return super().reducer_override(obj)
+
+    return CloudPickler
 
 
 class Frames:
@@ -84,19 +162,54 @@ class Frames:
         return out
 
 
-def dumps(obj: Any) -> Frames:
-    """Serialize ``obj`` into frames without copying its large buffers."""
+def dumps(obj: Any, refuse: Callable[[type], bool] | None = None) -> Frames:
+    """Serialize ``obj`` into frames without copying its large buffers.
+
+    Like Dask's own pickling: the C pickler first, and cloudpickle where that fails or where
+    the object refers to ``__main__`` (classes and functions of a script or notebook, which
+    other processes cannot import), so that whatever Dask or Parsl could send, the store can
+    take. With ``refuse``, raise :class:`PickleRefused` on meeting an object whose type it
+    accepts (only types pickle hands to hooks can be refused: see :class:`_Pickler`).
+    """
+    if type(obj) is bytes:
+        obj = _BytesBuffer(obj)
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
-    frames = [stream.getbuffer()]
-    frames.extend(b.raw() for b in buffers)
-    return Frames(frames)
+    try:
+        _Pickler(stream, buffers, refuse).dump(obj)
+    except PickleRefused:
+        raise
+    except Exception:
+        buffers.clear()
+        stream = io.BytesIO()
+        _cloud_pickler()(stream, buffers, refuse).dump(obj)
+    return Frames([stream.getbuffer(), *(b.raw() for b in buffers)])
 
 
 def serialize(obj: Any) -> BytesLike:
     """ProxyStore-compatible serializer: the frame layout as one contiguous buffer (one copy)."""
     return memoryview(dumps(obj).join())
+
+
+class Serialized:
+    """An object already serialized (to measure it), travelling as its frames.
+
+    Pickled, it is its payload; unpickled, it is the object again. A framework that must
+    pickle a task anyway is handed this instead of the object, so the object is serialized
+    once, not once to be measured and again to be sent.
+    """
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: Frames) -> None:
+        self.frames = frames
+
+    def __reduce__(self) -> Any:
+        return _loads_payload, (b"".join(self.frames.chunks()),)
+
+
+def _loads_payload(payload: bytes) -> Any:
+    return deserialize(bytearray(payload))
 
 
 def deserialize(data: BytesLike) -> Any:

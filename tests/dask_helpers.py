@@ -7,12 +7,12 @@ processes unpickle them by reference, whichever way the cluster was started.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
 from proxy_patterns.ownership import owned, owned_task
 
@@ -100,13 +100,29 @@ def dd_concat(parts: list[Any]) -> Any:
     return concat(parts)
 
 
-def callables(n: int) -> np.ndarray:
-    """A large result that plain pickle cannot serialize (local functions), but Dask can."""
+class DaskOnly:
+    """Large data that only Dask's own serialization can send (pickle refuses it)."""
 
-    def one() -> int:
-        return 1
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
 
-    return np.array([one] * n, dtype=object)
+    def __reduce__(self) -> Any:
+        raise TypeError("DaskOnly is sent by Dask's serializer only")
+
+
+@dask_serialize.register(DaskOnly)
+def _serialize_dask_only(obj: DaskOnly) -> tuple[dict[str, Any], list[Any]]:
+    return {}, [obj.data.data]
+
+
+@dask_deserialize.register(DaskOnly)
+def _deserialize_dask_only(header: dict[str, Any], frames: list[Any]) -> DaskOnly:
+    return DaskOnly(np.frombuffer(frames[0], dtype=float).copy())
+
+
+def dask_only(n: int) -> DaskOnly:
+    """A large result the store cannot take (it cannot be pickled), but Dask can send."""
+    return DaskOnly(np.ones(n))
 
 
 def filled(n: int, value: float) -> np.ndarray:
@@ -168,42 +184,29 @@ class SlowFactory:
         return self.value
 
 
-def _pickled_by_the_plugins_proxying_pass() -> bool:
-    """Whether the caller is being pickled by the plugin's second, proxying pickle pass.
-
-    Found by the name of the plugin method that runs it (``DaskProxyPlugin._proxy_graph``):
-    if that method is renamed, the tests using the two classes below fail loudly.
-    """
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "_proxy_graph":
-            return True
-        frame = frame.f_back
-    return False
-
-
-class RefusesProxyingPass:
-    """Pickles fine, except in the plugin's proxying pass (after large arguments were put)."""
+class Unpicklable:
+    """Cannot be pickled at all: placed after a large argument, it fails a submission after
+    that argument was put in the store."""
 
     def __reduce__(self) -> Any:
-        if _pickled_by_the_plugins_proxying_pass():
-            raise TypeError("RefusesProxyingPass cannot be pickled in this pass")
-        return RefusesProxyingPass, ()
+        raise TypeError("Unpicklable cannot be pickled")
 
 
-class PausesProxyingPass:
-    """Runs ``pause()`` when the plugin's proxying pass reaches it; pickles as ``0``.
+class PausesPickling:
+    """Runs ``pause()`` the first time it is pickled; pickles as ``0``.
 
-    Placed after a large argument, it holds the pass at the point where that argument's proxy
-    has been chosen but the graph is not yet sent, as a slow put of a further argument would.
+    Placed after a large argument, it holds the submission at the point where that
+    argument's proxy has been chosen but the graph is not yet sent, as a slow put of a
+    further argument would.
     """
 
     def __init__(self, pause: Callable[[], None]) -> None:
-        self.pause = pause
+        self.pause: Callable[[], None] | None = pause
 
     def __reduce__(self) -> Any:
-        if _pickled_by_the_plugins_proxying_pass():
-            self.pause()
+        pause, self.pause = self.pause, None
+        if pause is not None:
+            pause()
         return int, (0,)
 
 

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import numpy as np
+import task_objects
 from parsl import python_app
 
 from proxy_patterns.proxy import is_proxy
@@ -23,8 +24,47 @@ def total(x: Any, *rest: Any) -> float:
 
 @python_app(executors=[HTEX])
 def received_as(x: Any) -> tuple[str, bool]:
-    """How the app received its argument: the class it claims, and whether it is a proxy."""
-    return x.__class__.__name__, is_proxy(x)
+    """How the app received its argument: its type, and whether it is a proxy."""
+    return type(x).__name__, is_proxy(x)
+
+
+@python_app(executors=[HTEX])
+def fingerprint_app(x: Any) -> tuple[str, Any]:
+    return task_objects.fingerprint(x)
+
+
+@python_app(executors=[HTEX])
+def fingerprint_when(gate: Any, x: Any) -> tuple[str, Any]:
+    """``fingerprint_app`` once ``gate`` (a proxy of a future) is set: it holds ``x`` until."""
+    assert gate
+    return task_objects.fingerprint(x)
+
+
+@python_app(executors=[HTEX])
+def make_app(case: str, seed: int) -> Any:
+    return task_objects.make(case, seed)
+
+
+@python_app(executors=[HTEX])
+def make_when(gate: Any, case: str, seed: int) -> Any:
+    """``make_app`` once ``gate`` (a proxy of a future) is set."""
+    assert gate
+    return task_objects.make(case, seed)
+
+
+@python_app(executors=[HTEX])
+def fails_with(x: Any, message: str) -> None:
+    raise ValueError(message)
+
+
+@python_app(executors=[HTEX])
+def text(n: int) -> str:
+    return "t" * n
+
+
+@python_app(executors=[HTEX], cache=True)
+def cached_length(x: str) -> int:
+    return len(x)
 
 
 @python_app(executors=[HTEX])
@@ -53,11 +93,6 @@ def fails_once(x: Any, marker: str) -> float:
     return float(np.sum(x))
 
 
-@python_app(executors=[HTEX], cache=True)
-def cached_total(x: Any) -> float:
-    return float(np.sum(x))
-
-
 @python_app(executors=[HTEX])
 def frame_rows(df: Any) -> int:
     return len(df)
@@ -65,7 +100,7 @@ def frame_rows(df: Any) -> int:
 
 @python_app(executors=[THREADS])
 def threads_received_as(x: Any) -> tuple[str, bool]:
-    return x.__class__.__name__, is_proxy(x)
+    return type(x).__name__, is_proxy(x)
 
 
 class Large:
