@@ -125,6 +125,18 @@ def dask_only(n: int) -> DaskOnly:
     return DaskOnly(np.ones(n))
 
 
+def fingerprint_first(x: Any, *rest: Any) -> Any:
+    """The fingerprint of the first argument (the others are waited for)."""
+    from task_objects import fingerprint
+
+    return fingerprint(x)
+
+
+def raises(x: Any, message: str) -> None:
+    """A task that fails after receiving its (large) argument."""
+    raise ValueError(message)
+
+
 def filled(n: int, value: float) -> np.ndarray:
     """A large result made on the worker: ``n`` float64 values all equal to ``value``."""
     return np.full(n, value)

@@ -54,11 +54,13 @@ from dask_helpers import (
     double,
     filled,
     filled_after,
+    fingerprint_first,
     frame,
     identity,
     in_list,
     inc,
     poll_for,
+    raises,
     result_shaped,
     scaled_head,
     total,
@@ -72,7 +74,7 @@ from proxy_patterns.plugins.dask import (
     unregister,
 )
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
-from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector
+from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, SharedMemoryKey
 from proxy_patterns.store import count_keys, get_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,6 +200,16 @@ def env(
     if not emptied:
         _purge(store)
         pytest.fail(f"{left} keys left in {spec} after the test")
+
+
+def _segments(store: Store[Any]) -> list[SharedMemoryKey]:
+    """The keys of the objects in a shared-memory store, read from its directory."""
+    directory = store.connector.directory  # type: ignore[attr-defined]
+    return [
+        SharedMemoryKey(name, os.stat(os.path.join(directory, name)).st_size)
+        for name in os.listdir(directory)
+        if name.startswith(SEGMENT_PREFIX) and os.path.isfile(os.path.join(directory, name))
+    ]
 
 
 def _task_state(key: Any, dask_scheduler: Any) -> str | None:
@@ -673,6 +685,42 @@ def test_result_the_store_cannot_take_leaves_by_value(env: Env) -> None:
 
 
 # --- 5. eviction ---------------------------------------------------------------------------
+def test_a_task_that_raises_leaves_nothing(env: Env) -> None:
+    """Read with ``exception()``: a future whose ``result()`` raised is kept alive by its own
+    exception's traceback until the client closes (dask/distributed#6310), and its key with
+    it, as Dask keeps the task's arguments."""
+    x = task_objects.make("dataclass", 5)
+    f = env.client.submit(raises, x, "on purpose")
+    dependent = env.client.submit(fingerprint, f)
+    assert "on purpose" in str(f.exception()) and "on purpose" in str(dependent.exception())
+    del f, dependent
+    env.wait_empty()
+
+
+def test_an_argument_that_cannot_be_resolved_fails_its_task_and_leaves_nothing(
+    env: Env,
+) -> None:
+    x = task_objects.make("bytes", 6)
+    gate = env.client.submit(filled_after, 0.5, 1, 0.0)  # the task waits for it
+    f = env.client.submit(fingerprint_first, x, gate)
+    [key] = _segments(env.store)
+    env.store.evict(key)  # as if someone removed it meanwhile
+    with pytest.raises(RESOLVE_ERRORS, match=key.name):
+        f.result()
+    del f, gate
+    env.wait_empty()
+
+
+def test_a_cancelled_task_leaves_nothing(env: Env) -> None:
+    x = task_objects.make("plain-object", 7)
+    gate = env.client.submit(filled_after, 2.0, 1, 0.0)
+    f = env.client.submit(fingerprint_first, x, gate)
+    assert env.keys() == 1
+    env.client.cancel([f, gate])
+    del f, gate
+    env.wait_empty()
+
+
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)
 def test_deleting_future_evicts_its_keys(env: Env) -> None:
     x = array(3 * MiB)

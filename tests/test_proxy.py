@@ -10,7 +10,7 @@ import numpy as np
 from proxystore.store import Store
 
 from dask_helpers import CountingFactory
-from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
+from proxy_patterns.proxy import OpaqueProxy, TransitProxy, is_proxy, key_of, materialize, proxy
 
 
 def _unresolved(value: Any) -> tuple[OpaqueProxy[Any], CountingFactory]:
@@ -47,3 +47,25 @@ def test_without_target_the_object_is_not_held(shm_store: Store[Any]) -> None:
     assert not p.__proxy_resolved__ and isinstance(p, np.ndarray)
     assert float(p.sum()) == 100.0
     shm_store.evict(key_of(p))
+
+
+def test_a_transit_proxy_pickles_as_itself_without_resolving() -> None:
+    factory = CountingFactory(np.arange(10))
+    p: TransitProxy[Any] = TransitProxy(factory, cache_defaults=True, target=factory.value)
+    del p.__proxy_wrapped__
+    copy = pickle.loads(pickle.dumps(p))
+    assert type(copy) is TransitProxy and isinstance(copy, np.ndarray)
+    assert factory.calls == 0
+
+
+def test_materialize_resolves_transit_proxies_only(shm_store: Store[Any]) -> None:
+    moved = proxy(shm_store, np.arange(5.0), keep_target=False, cls=TransitProxy)
+    users = proxy(shm_store, np.arange(3.0), keep_target=False)
+    whole = proxy(shm_store, [moved, 1], keep_target=False, cls=TransitProxy)
+    out = materialize({"a": moved, "b": (users, whole)}, depth=3)
+    assert type(out["a"]) is np.ndarray and out["a"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert out["b"][0] is users and not users.__proxy_resolved__  # the user's: left lazy
+    assert type(out["b"][1]) is list and type(out["b"][1][0]) is np.ndarray  # nested, too
+    assert not moved.__proxy_resolved__  # the proxy itself does not pin the object
+    for p in (moved, users, whole):
+        shm_store.evict(key_of(p))
