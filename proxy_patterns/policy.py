@@ -231,10 +231,10 @@ class _Judgement:
     def _judge(self, obj: Any, depth: int) -> tuple[Any, bool]:
         cls = type(obj)
         policy = self.policy
+        if issubclass(cls, _TRIVIAL_TYPES):  # first: the cheapest check, and the commonest
+            return obj, False
         if policy.pinned(cls):
             return obj, True
-        if issubclass(cls, _TRIVIAL_TYPES):
-            return obj, False
         excluded = policy.include and not issubclass(cls, policy.include)
         is_container = issubclass(cls, _CONTAINER_TYPES)
         if excluded and not is_container:

@@ -117,3 +117,9 @@ class Large:
 @python_app(executors=[HTEX])
 def large_total(x: Large) -> float:
     return float(np.sum(x.data))
+
+
+@python_app(executors=[HTEX], cache=True)
+def checkpointed_text(n: int) -> str:
+    """A large result, cached (and so checkpointed when the DataFlowKernel checkpoints)."""
+    return "c" * n
