@@ -20,7 +20,7 @@ import io
 import pickle
 import struct
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from proxystore.serialize import BytesLike
@@ -69,30 +69,43 @@ class _ByValue(Exception):
     """The object refers to ``__main__``, which other processes cannot import."""
 
 
-_DISPATCH_TABLE = {**copyreg.dispatch_table, memoryview: _reduce_memoryview}
+_Reducer = Callable[[Any], "str | tuple[Any, ...]"]
+_DISPATCH_TABLE: Mapping[type, _Reducer] = {
+    **copyreg.dispatch_table,
+    memoryview: _reduce_memoryview,
+}
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
 
 
-class _Pickler(pickle.Pickler):
-    """The C pickler, sending ``memoryview``s out of band, stopping at references to
-    ``__main__`` (see :func:`dumps`) and at objects of the types ``refuse`` names.
+class _Options:
+    """What both picklers add: protocol 5 with out-of-band buffers, ``memoryview``s out of
+    band, and a stop at objects of the types ``refuse`` names (see :func:`dumps`)."""
+
+    dispatch_table: Mapping[type, _Reducer]
+
+    def __init__(
+        self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
+    ) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)  # type: ignore[call-arg]
+        self.dispatch_table = _DISPATCH_TABLE
+        self.refuse = refuse
+
+    def _check(self, cls: type, obj: Any) -> None:
+        if self.refuse is not None and self.refuse(cls):
+            raise PickleRefused(obj)
+
+
+class _Pickler(_Options, pickle.Pickler):
+    """The C pickler, also stopping at references to ``__main__`` (see :func:`dumps`).
 
     ``reducer_override`` runs for every object except the builtins pickle handles itself
     (``None``, ``bool``, ``int``, ``float``, ``bytes``, ``str``, ``list``, ``tuple``,
     ``dict``, ``set``, ``frozenset``): a list of plain records costs no Python call.
     """
 
-    def __init__(
-        self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
-    ) -> None:
-        super().__init__(file, protocol=5, buffer_callback=buffers.append)
-        self.dispatch_table = _DISPATCH_TABLE
-        self.refuse = refuse
-
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
-        if self.refuse is not None and self.refuse(cls):
-            raise PickleRefused(obj)
+        self._check(cls, obj)
         if (issubclass(cls, type) or cls in _FUNCTION_TYPES) and obj.__module__ == "__main__":
             raise _ByValue
         return NotImplemented
@@ -100,21 +113,13 @@ class _Pickler(pickle.Pickler):
 
 @functools.cache
 def _cloud_pickler() -> Callable[..., pickle.Pickler]:
-    """cloudpickle's pickler with :class:`_Pickler`'s additions (imported on first use: most
-    objects never need it)."""
+    """cloudpickle's pickler with :class:`_Options` (imported on first use: most objects
+    never need it)."""
     import cloudpickle
 
-    class CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
-        def __init__(
-            self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
-        ) -> None:
-            super().__init__(file, protocol=5, buffer_callback=buffers.append)
-            self.dispatch_table = _DISPATCH_TABLE
-            self.refuse = refuse
-
+    class CloudPickler(_Options, cloudpickle.Pickler):  # type: ignore[misc]
         def reducer_override(self, obj: Any) -> Any:
-            if self.refuse is not None and self.refuse(type(obj)):
-                raise PickleRefused(obj)
+            self._check(type(obj), obj)
             return super().reducer_override(obj)
 
     return CloudPickler

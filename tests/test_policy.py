@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from proxystore.proxy import Proxy
+from task_objects import Plain, Record
 
 from proxy_patterns.policy import SERIALIZED_MIN_BYTES, ProxyPolicy, known_nbytes
 from proxy_patterns.serialize import Frames, Serialized, deserialize
@@ -74,20 +75,6 @@ def raising_proxy() -> Proxy[Any]:
         raise AssertionError("proxy was resolved")
 
     return Proxy(factory)
-
-
-@dataclasses.dataclass
-class Record:
-    """What task code passes: a dataclass holding raw bytes."""
-
-    raw: bytes
-
-
-class Plain:
-    """A plain object with its data in ``__dict__``."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
 
 
 class CountsPickling:
