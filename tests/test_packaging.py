@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,23 @@ PLUGINS = ("dask", "parsl", "globus_compute")
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None:
     venv = tmp_path / "venv"  # uses the outer pip and setuptools, builds with no download
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # The outer environment is the one running pytest: a virtualenv, or a base interpreter
+    # where everything is installed. `--system-site-packages` would reach the base
+    # interpreter's site-packages even from a virtualenv, which hold neither pip's build
+    # requirements nor the dependencies; a .pth file appends the outer environment's own
+    # site directories after the nested venv's site-packages instead.
+    outer = site.getsitepackages()
+    if site.ENABLE_USER_SITE:
+        outer.append(site.getusersitepackages())
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], check=True)
     code = (
@@ -41,9 +54,10 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
     ).stdout.split()
     if editable:
         assert out[:3] == [str(REPO / "plugins" / f"{n}.py") for n in PLUGINS]
+        assert out[3] == str(REPO / "proxy_patterns" / "__init__.py")
     else:
-        site = str(venv / "lib")
-        assert all(path.startswith(site) for path in out), out
+        nested_lib = str(venv / "lib")
+        assert all(path.startswith(nested_lib) for path in out), out
         assert all(
             path.endswith(f"proxy_patterns/plugins/{n}.py")
             for path, n in zip(out[:3], PLUGINS, strict=True)
