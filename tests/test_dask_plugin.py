@@ -35,7 +35,7 @@ import pytest
 import task_objects
 from dask.base import tokenize
 from dask.sizeof import sizeof
-from distributed import Client, LocalCluster, wait
+from distributed import Client, Future, LocalCluster, wait
 from proxystore.proxy import ProxyResolveError
 from proxystore.store import Store, unregister_store
 from proxystore.store.exceptions import ProxyResolveMissingKeyError
@@ -452,12 +452,23 @@ def test_every_kind_of_argument_is_proxied_and_arrives_as_itself(
     env.wait_empty()
 
 
+def _made(client: Client, how: str, case: str, worker: str) -> Future[Any]:
+    """A future of ``task_objects.make(case, 2)`` run on ``worker``, by submit, map or delayed."""
+    if how == "submit":
+        return client.submit(task_objects.make, case, 2, workers=[worker])
+    if how == "map":
+        return client.map(task_objects.make, [case], [2], workers=[worker])[0]
+    with dask.annotate(workers=[worker]):
+        return client.compute(dask.delayed(task_objects.make)(case, 2))
+
+
+@pytest.mark.parametrize("how", ["submit", "map", "delayed"])
 @pytest.mark.parametrize("case", task_objects.CASES)
-def test_every_kind_of_result_is_proxied_and_read_as_itself(env: Env, case: str) -> None:
+def test_every_kind_of_result_is_proxied_and_read_as_itself(env: Env, case: str, how: str) -> None:
     a, b = env.workers()
     expected = task_objects.make(case, 2)
     before = env.stats()["bytes_proxied"]
-    f = env.client.submit(task_objects.make, case, 2, workers=[a])
+    f = _made(env.client, how, case, a)
     dependents = [env.client.submit(fingerprint, f, workers=[w], pure=False) for w in (a, b, b)]
     assert env.client.gather(dependents) == [fingerprint(expected)] * 3
     result = f.result()
