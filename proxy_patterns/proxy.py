@@ -196,8 +196,10 @@ def proxy(
     p: OpaqueProxy[T] = cls(factory, cache_defaults=True, target=obj)
     unhashable = object.__getattribute__(p, "__proxy_default_hash__")
     if isinstance(unhashable, BaseException):
-        # Cached to be re-raised by hash(p); its traceback would pin the caller's frames.
+        # Cached to be re-raised by hash(p); its traceback, and that of an exception being
+        # handled when it was raised (its context), would pin the caller's frames.
         unhashable.__traceback__ = None
+        unhashable.__context__ = None
     if not keep_target:
         del p.__proxy_wrapped__
     return p
@@ -206,6 +208,10 @@ def proxy(
 def key_of(p: Proxy[Any]) -> Any:
     """The store key a proxy resolves from, read without resolving the proxy."""
     return cast(StoreFactory[Any, Any], get_factory(p)).key
+
+
+SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
+"""Types that never are, nor hold, a proxy."""
 
 
 def map_proxies(obj: Any, fn: Callable[[Proxy[Any]], Any], depth: int) -> Any:
@@ -217,9 +223,11 @@ def map_proxies(obj: Any, fn: Callable[[Proxy[Any]], Any], depth: int) -> Any:
     """
     from proxy_patterns.policy import rebuild_container
 
-    if is_proxy(obj):
-        return fn(obj)
     cls = type(obj)
+    if cls in SCALARS:  # most task arguments: answered before any subclass check
+        return obj
+    if issubclass(cls, Proxy):
+        return fn(obj)
     if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
         return obj
     is_dict = issubclass(cls, dict)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections.abc
+import gc
 import pickle
+import weakref
 from typing import Any
 
 import numpy as np
+import pytest
 from proxystore.store import Store
 
 from dask_helpers import CountingFactory
@@ -69,3 +72,28 @@ def test_materialize_resolves_transit_proxies_only(shm_store: Store[Any]) -> Non
     assert not moved.__proxy_resolved__  # the proxy itself does not pin the object
     for p in (moved, users, whole):
         shm_store.evict(key_of(p))
+
+
+def test_a_proxy_of_an_unhashable_object_pins_no_frames(shm_store: Store[Any]) -> None:
+    """``hash(p)`` re-raises the target's TypeError, kept in the proxy: neither its traceback
+    nor the exception being handled when it was raised may keep the caller's frames alive."""
+
+    class Sentinel:
+        pass
+
+    sentinel = Sentinel()
+    alive = weakref.ref(sentinel)
+
+    def make(local: Sentinel) -> OpaqueProxy[Any]:
+        try:
+            raise KeyError("being handled")
+        except KeyError:
+            return proxy(shm_store, np.zeros(3))  # an ndarray: its hash error is kept
+
+    p = make(sentinel)
+    del sentinel
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(p)
+    shm_store.evict(key_of(p))
