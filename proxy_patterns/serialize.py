@@ -84,9 +84,12 @@ class _Options:
     dispatch_table: Mapping[type, _Reducer]
 
     def __init__(
-        self, file: io.BytesIO, buffers: list[Any], refuse: Callable[[type], bool] | None
+        self,
+        file: io.BytesIO,
+        buffer_callback: Callable[[pickle.PickleBuffer], None],
+        refuse: Callable[[type], bool] | None,
     ) -> None:
-        super().__init__(file, protocol=5, buffer_callback=buffers.append)  # type: ignore[call-arg]
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)  # type: ignore[call-arg]
         self.dispatch_table = _DISPATCH_TABLE
         self.refuse = refuse
 
@@ -130,9 +133,18 @@ class Frames:
 
     def __init__(self, frames: list[memoryview]) -> None:
         self.frames = frames
+
+    @functools.cached_property
+    def header(self) -> bytes:
+        """The frame count and lengths, padded to the alignment."""
+        frames = self.frames
         header = _COUNT.pack(MAGIC, len(frames)) + b"".join(_LENGTH.pack(f.nbytes) for f in frames)
-        self.header = header + bytes(_padding(len(header)))
-        self.nbytes = len(self.header) + sum(f.nbytes + _padding(f.nbytes) for f in frames)
+        return header + bytes(_padding(len(header)))
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        """The size of the payload: the serialized size of the object."""
+        return len(self.header) + sum(f.nbytes + _padding(f.nbytes) for f in self.frames)
 
     def chunks(self) -> Iterator[memoryview | bytes]:
         """The payload in order, padding included: what a scatter-gather write takes."""
@@ -167,28 +179,74 @@ class Frames:
         return out
 
 
-def dumps(obj: Any, refuse: Callable[[type], bool] | None = None) -> Frames:
+class SizeExceeded(Exception):
+    """A serialization was stopped: the object is larger than the limit it was given."""
+
+
+class _LimitedStream(io.BytesIO):
+    """A pickle stream that stops the pickler once it and the out-of-band buffers pass a size.
+
+    Pickle hands a large ``bytes`` or ``str`` to ``write`` as it is, and large buffers to the
+    buffer callback, so an oversized object is stopped before it is copied.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.left = limit
+
+    def spend(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise SizeExceeded
+
+    def write(self, data: Any) -> int:
+        self.spend(memoryview(data).nbytes)
+        return super().write(data)
+
+
+def dumps(
+    obj: Any, refuse: Callable[[type], bool] | None = None, limit: int | None = None
+) -> Frames:
     """Serialize ``obj`` into frames without copying its large buffers.
 
     Like Dask's own pickling: the C pickler first, and cloudpickle where that fails or where
     the object refers to ``__main__`` (classes and functions of a script or notebook, which
     other processes cannot import), so that whatever Dask or Parsl could send, the store can
     take. With ``refuse``, raise :class:`PickleRefused` on meeting an object whose type it
-    accepts (only types pickle hands to hooks can be refused: see :class:`_Pickler`).
+    accepts (only types pickle hands to hooks can be refused: see :class:`_Pickler`). With
+    ``limit``, raise :class:`SizeExceeded` as soon as the serialized size passes it, having
+    done about ``limit`` bytes of work.
     """
     if type(obj) is bytes:
         obj = _BytesBuffer(obj)
-    buffers: list[pickle.PickleBuffer] = []
-    stream = io.BytesIO()
     try:
-        _Pickler(stream, buffers, refuse).dump(obj)
-    except PickleRefused:
+        stream, buffers = _pickled(_Pickler, obj, refuse, limit)
+    except (PickleRefused, SizeExceeded):
         raise
     except Exception:
-        buffers.clear()
-        stream = io.BytesIO()
-        _cloud_pickler()(stream, buffers, refuse).dump(obj)
+        stream, buffers = _pickled(_cloud_pickler(), obj, refuse, limit)
     return Frames([stream.getbuffer(), *(b.raw() for b in buffers)])
+
+
+def _pickled(
+    pickler: Callable[..., pickle.Pickler],
+    obj: Any,
+    refuse: Callable[[type], bool] | None,
+    limit: int | None,
+) -> tuple[io.BytesIO, list[pickle.PickleBuffer]]:
+    buffers: list[pickle.PickleBuffer] = []
+    if limit is None:
+        stream = io.BytesIO()
+        pickler(stream, buffers.append, refuse).dump(obj)
+        return stream, buffers
+    limited = _LimitedStream(limit)
+
+    def keep(buffer: pickle.PickleBuffer) -> None:
+        limited.spend(buffer.raw().nbytes)
+        buffers.append(buffer)
+
+    pickler(limited, keep, refuse).dump(obj)
+    return limited, buffers
 
 
 def serialize(obj: Any) -> BytesLike:
