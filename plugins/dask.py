@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import pickle
@@ -60,8 +61,7 @@ from dask.highlevelgraph import HighLevelGraph, Layer
 from dask.sizeof import sizeof
 from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
 from distributed.client import _MapExpr
-from distributed.protocol import pickle as dask_pickle
-from distributed.protocol.serialize import dask_deserialize, dask_serialize
+from distributed.protocol.serialize import Serialized
 from proxystore.proxy import Proxy, get_factory
 
 from proxy_patterns.futures import pickled_futures
@@ -69,6 +69,7 @@ from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_
 from proxy_patterns.plugins._dask_prometheus import expose
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import (
+    SCALARS,
     TransitProxy,
     held,
     key_of,
@@ -77,7 +78,7 @@ from proxy_patterns.proxy import (
     proxy,
     store_keys_in,
 )
-from proxy_patterns.serialize import Frames
+from proxy_patterns.serialize import Frames, SizeExceeded, dumps
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import get_store, spec_owned_by
 
@@ -110,21 +111,17 @@ def _tokenize_proxy(p: Proxy[Any]) -> tuple[str, Any]:
     return "proxy", getattr(factory, "key", id(factory))
 
 
-class _SerializedGraph:
-    """A graph already serialized by the client hook; deserializes to the graph itself."""
+def _pickled_graph(frames: list[Any]) -> Serialized:
+    """A graph already pickled by the client hook, as Dask's own pickling would have left it
+    (the scheduler unpickles it as usual).
 
-    def __init__(self, frames: list[Any]) -> None:
-        self.frames = frames
-
-
-@dask_serialize.register(_SerializedGraph)
-def _serialize_graph(graph: _SerializedGraph) -> tuple[dict[str, Any], list[Any]]:
-    return {}, graph.frames
-
-
-@dask_deserialize.register(_SerializedGraph)
-def _deserialize_graph(header: dict[str, Any], frames: list[Any]) -> Any:
-    return dask_pickle.loads(frames[0], buffers=frames[1:])
+    The pickle stream is copied out of its buffer (it is small: large objects went to the
+    store, or as their own frames), because Dask keeps what it sends for a while, and a view
+    would keep the whole stream object alive with it.
+    """
+    stream, *buffers = frames
+    writeable = tuple(not memoryview(f).readonly for f in buffers)
+    return Serialized({"serializer": "pickle", "writeable": writeable}, [bytes(stream), *buffers])
 
 
 # The structure of a graph: never judged as task data, only walked by the pickler (a
@@ -235,14 +232,17 @@ class DaskProxyPlugin:
 
     def _submit_graph(self, expr: Any, keys: Any, *args: Any, **kwargs: Any) -> Any:
         with pickled_futures() as futures:
-            frames, carried = self._pickle_graph(expr)
+            frames = self._pickle_small_graph(expr)
+            carried: dict[Any, _Argument] = {}
+            if frames is None:  # larger than the threshold: judge what it holds
+                frames, carried = self._pickle_graph(expr)
         if not carried and not futures:
-            return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
+            return self._graph_to_futures(_pickled_graph(frames), keys, *args, **kwargs)
         held_futures = _hold_futures(futures)  # for the scheduler, which takes them over
         try:
             arguments = [(key, a.nbytes) for key, a in carried.items()]
             with annotate(**{ANNOTATION: pickle.dumps((arguments, held_futures))}):
-                return self._graph_to_futures(_SerializedGraph(frames), keys, *args, **kwargs)
+                return self._graph_to_futures(_pickled_graph(frames), keys, *args, **kwargs)
         except BaseException:
             _release_futures(held_futures)
             raise
@@ -251,6 +251,16 @@ class DaskProxyPlugin:
                 for argument in carried.values():
                     argument.pending -= 1
                     argument.outputs.update(keys)
+
+    def _pickle_small_graph(self, expr: Any) -> list[Any] | None:
+        """``expr`` pickled, if that takes no more than the threshold: then nothing in it can
+        be larger, and it is sent as it is. None (after about threshold bytes of work) if not."""
+        try:
+            return dumps(expr, limit=int(self.policy.threshold)).frames
+        except SizeExceeded:
+            return None
+        except Exception as e:
+            raise TypeError(f"could not serialize the task graph: {e}") from e
 
     def _pickle_graph(self, expr: Any) -> tuple[list[Any], dict[Any, _Argument]]:
         """Pickle ``expr`` once, its large arguments proxied; (frames, arguments it carries)."""
@@ -413,6 +423,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
         owner = await getattr(worker.scheduler, OWNER_HANDLER)()
         self.store = get_store(spec_owned_by(self.store_spec, owner))
         self._unproxied: set[Any] = set()  # results computed here, not yet looked at
+        self._passed_on: dict[Any, list[Any]] = {}  # store keys in results, from the tasks
         # Wrapped, because no plugin hook runs when data leaves a worker: ``get_data`` is the
         # one handler that serves results to other workers, clients and the scheduler.
         self._serve_data = worker.handlers["get_data"]
@@ -431,15 +442,25 @@ class ProxyWorkerPlugin(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         if finish == "executing":  # before the Execute instruction reads the run_spec
             ts = self.worker.state.tasks[key]
-            ts.run_spec = _materializing(ts.run_spec, self.policy.max_depth + 1)
+            if _takes_only_scalars(ts.run_spec):  # nothing to materialize, nor to pass on
+                self._passed_on[key] = []
+                return
+            report = functools.partial(self._passed_on.__setitem__, key)
+            spec = _materializing(ts.run_spec, self.policy.max_depth + 1, report)
+            if spec is not None:
+                ts.run_spec = spec
         elif finish == "memory" and start in ("executing", "long-running"):
             # Only results computed here: not data fetched from peers or scattered.
             self._unproxied.add(key)
-            held = store_keys_in(self.worker.data[key], self.policy.max_depth + 1)
+            held = self._passed_on.pop(key, None)
+            if held is None:  # not a task function (an alias, say): look at the result
+                held = store_keys_in(self.worker.data[key], self.policy.max_depth + 1)
             if held:  # proxies the task passed through (e.g. dask.array aliases)
                 self.worker.log_event(RESULTS_TOPIC, {"data": pickle.dumps((key, [], held))})
         elif start == "memory":
             self._unproxied.discard(key)
+        if finish in ("released", "error", "forgotten"):
+            self._passed_on.pop(key, None)
 
     def _proxy_result(self, key: Any) -> None:
         """Put ``key``'s large parts in the store; if that fails, it leaves by value, as in
@@ -473,30 +494,54 @@ class _Materialized:
     """A task function that receives its arguments materialized (see :func:`materialize`).
 
     Task arguments are the proxies the client put in the graph and the results the task
-    depends on, which reach a worker as proxies when they were computed elsewhere.
+    depends on, which reach a worker as proxies when they were computed elsewhere. With
+    ``report``, the store keys of proxies in the result (proxies the task passed on) are
+    given to it, found in the task's thread rather than by reading ``worker.data`` again.
     """
 
-    def __init__(self, func: Callable[..., Any], depth: int) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        depth: int,
+        report: Callable[[list[Any]], None] | None = None,
+    ) -> None:
         self.func = func
         self.depth = depth
+        self.report = report
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.func(*materialize(args, self.depth), **materialize(kwargs, self.depth))
+        result = self.func(*materialize(args, self.depth), **materialize(kwargs, self.depth))
+        if self.report is not None:
+            self.report(store_keys_in(result, self.depth))
+        return result
 
 
-def _materializing(spec: Any, depth: int) -> Any:
+def _takes_only_scalars(spec: Any) -> bool:
+    """Whether ``spec`` is a task of scalar arguments and no dependencies (tiny tasks: most of
+    a graph of many), which can neither receive a proxy nor pass one on."""
+    return (
+        type(spec) is Task
+        and not spec.dependencies
+        and all(type(a) in SCALARS for a in spec.args)
+        and all(type(v) in SCALARS for v in spec.kwargs.values())
+    )
+
+
+def _materializing(
+    spec: Any, depth: int, report: Callable[[list[Any]], None] | None = None
+) -> Any:
     """``spec`` (a task's run_spec) with its function, and those of the tasks fused into it,
     given their arguments materialized; other graph nodes (aliases, data, containers of
-    results) pass their values on as they are."""
+    results) pass their values on as they are, and are left as they are (None returned)."""
     if type(spec) is not Task or type(spec.func) is _Materialized or spec.is_coro:
-        return spec
+        return None
     args = spec.args
     if spec.has_subgraph():  # _execute_subgraph(inner_dsk, outkey, inkeys, *dependencies)
-        inner = {key: _materializing(task, depth) for key, task in args[0].items()}
+        inner = {key: _materializing(task, depth) or task for key, task in args[0].items()}
         args = (inner, *args[1:])
     return Task(
         spec.key,
-        _Materialized(spec.func, depth),
+        _Materialized(spec.func, depth, report),
         *args,
         _data_producer=spec.data_producer,
         **spec.kwargs,
@@ -594,6 +639,8 @@ class ProxySchedulerPlugin(SchedulerPlugin):
                 self._drop(key)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if not self._held:  # nothing held: the common case, decided at once
+            return
         if finish in ("released", "forgotten", "erred"):
             self._release((key, "result"))
         if finish == "forgotten":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import os
 import shutil
 import signal
@@ -931,6 +932,27 @@ def test_small_tasks_are_untouched(env: Env) -> None:
     assert env.stats()["bytes_proxied"] == before
     assert env.keys() == 0
     del futures
+
+
+def test_graphs_sent_keep_no_pickling_buffers_alive(env: Env) -> None:
+    """Dask keeps what it sent to the scheduler for a while: what the plugin hands it must be
+    no bigger than what Dask itself would have made (a view on a pickling buffer kept that
+    whole buffer alive, and slowed tiny tasks by a growing heap)."""
+
+    def buffers() -> int:
+        gc.collect()
+        return sum(isinstance(o, io.BytesIO) for o in gc.get_objects())
+
+    env.client.gather([env.client.submit(inc, i, pure=False) for i in range(10)])
+    before = buffers()
+    futures = [env.client.submit(inc, i, pure=False) for i in range(200)]
+    env.client.gather(futures)
+    x = array(2 * MiB)
+    futures += [env.client.submit(total, x, i, pure=False) for i in range(20)]
+    env.client.gather(futures)
+    assert buffers() - before < 10
+    del futures
+    env.wait_empty()
 
 
 # --- 8. pickling failures -------------------------------------------------------------------
