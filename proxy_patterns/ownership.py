@@ -49,7 +49,7 @@ import proxystore.store
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
-from proxy_patterns.proxy import OpaqueProxy, key_of, map_proxies, proxy
+from proxy_patterns.proxy import OpaqueProxy, key_of, map_proxies, pickle_by_reference, proxy
 from proxy_patterns.rendezvous import (
     LEASE,
     RedisRendezvous,
@@ -382,24 +382,32 @@ def _not_held(name: str, holder: str) -> ReferenceInvalidError:
     )
 
 
-_tables: dict[int, RefTable] = {}
+_TABLE = "_proxy_patterns_ref_table"
+_tables_lock = threading.Lock()
 
 
 def ref_table_for(store: Store[Any]) -> RefTable:
-    """The reference records of ``store``'s objects (shared memory or Redis)."""
+    """The reference records of ``store``'s objects (shared memory or Redis).
+
+    The table is kept on the connector itself: it lives as long as its connector, which it
+    refers to (a table kept elsewhere, by ``id(connector)``, kept every connector alive for
+    ever, and would have answered for another connector reusing a freed one's ``id``).
+    """
     connector = store.connector
-    table = _tables.get(id(connector))
-    if table is None:
-        if isinstance(connector, SharedMemoryConnector):
-            table = SharedMemoryRefTable(connector)
-        elif hasattr(connector, "_redis_client"):
-            table = RedisRefTable(connector)
-        else:
-            raise TypeError(
-                f"ownership needs a shared-memory or Redis store, not {type(connector).__name__}"
-            )
-        _tables[id(connector)] = table
-    return table
+    with _tables_lock:
+        table: RefTable | None = getattr(connector, _TABLE, None)
+        if table is None:
+            if isinstance(connector, SharedMemoryConnector):
+                table = SharedMemoryRefTable(connector)
+            elif hasattr(connector, "_redis_client"):
+                table = RedisRefTable(connector)
+            else:
+                raise TypeError(
+                    "ownership needs a shared-memory or Redis store, not "
+                    f"{type(connector).__name__}"
+                )
+            setattr(connector, _TABLE, table)
+        return table
 
 
 def ref_table_of(store_config: Any) -> RefTable:
@@ -576,8 +584,9 @@ class RefMutProxy(BaseRefProxy[T]):
     __slots__ = ()
 
 
-# By holder kind; a proxy class itself does not pickle by reference (ProxyStore proxies
-# report their target's ``__module__``).
+pickle_by_reference(__name__, BaseRefProxy, OwnedProxy, RefProxy, RefMutProxy)
+
+# By holder kind.
 _PROXY_CLASSES: dict[str, type[BaseRefProxy[Any]]] = {
     "owner": OwnedProxy,
     "ref": RefProxy,
@@ -586,7 +595,7 @@ _PROXY_CLASSES: dict[str, type[BaseRefProxy[Any]]] = {
 
 
 def _reference(p: BaseRefProxy[Any]) -> _Reference:
-    if not isinstance(p, BaseRefProxy) or type(p) is BaseRefProxy:
+    if not issubclass(type(p), BaseRefProxy) or type(p) is BaseRefProxy:
         raise TypeError(f"expected an OwnedProxy, RefProxy or RefMutProxy, got {type(p).__name__}")
     reference: _Reference = object.__getattribute__(p, "__proxy_reference__")
     return reference
@@ -711,7 +720,7 @@ def _references_in(obj: Any) -> list[BaseRefProxy[Any]]:
     found: list[BaseRefProxy[Any]] = []
 
     def collect(p: Any) -> Any:
-        if isinstance(p, BaseRefProxy):
+        if issubclass(type(p), BaseRefProxy):  # not isinstance: it would resolve other proxies
             found.append(p)
         return p
 

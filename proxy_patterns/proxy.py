@@ -23,9 +23,7 @@ stay lazy where they go, as the user asked.
 from __future__ import annotations
 
 import copyreg
-import functools
 import importlib
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -153,22 +151,32 @@ def _import_class(module: str, qualname: str) -> type:
     return cast(type, getattr(importlib.import_module(module), qualname))
 
 
-@functools.cache
-def _reduce_proxy_class(cls: type) -> Any:
-    """Pickle a proxy *class* by reference to the module that really defines it.
+_defined_in: dict[type, str] = {}
+
+
+def pickle_by_reference(module: str, *classes: type) -> None:
+    """Let proxy ``classes``, defined in ``module``, be pickled by reference to it.
 
     Every ProxyStore proxy class reports ``__module__`` as ``proxystore.proxy`` (a property
-    that, on instances, forwards to the target), so pickle looks for our subclasses there
-    and fails. Frameworks pickle result types (Dask reports each result's type to its
-    scheduler), so they must pickle.
+    that, on instances, forwards to the target), so pickle would look for them there and fail.
+    Frameworks pickle result types (Dask reports each result's type to its scheduler), so they
+    must pickle: each module registers its proxy classes with their real module.
     """
-    for name, module in list(sys.modules.items()):
-        if getattr(module, cls.__qualname__, None) is cls:
-            return _import_class, (name, cls.__qualname__)
-    return cls.__qualname__  # not a module attribute: pickle's own lookup and error
+    for cls in classes:
+        _defined_in[cls] = module
+
+
+def _reduce_proxy_class(cls: type) -> Any:
+    """Pickle a proxy *class*: by reference to its registered module, else as pickle would
+    (ProxyStore's own classes, which live in the module they report)."""
+    module = _defined_in.get(cls)
+    if module is None:
+        return cls.__qualname__
+    return _import_class, (module, cls.__qualname__)
 
 
 copyreg.pickle(ProxyMetaType, _reduce_proxy_class)
+pickle_by_reference(__name__, OpaqueProxy, TransitProxy, HeldProxy)
 
 
 def is_proxy(obj: object) -> bool:

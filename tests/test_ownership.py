@@ -9,14 +9,16 @@ import pickle
 import signal
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from proxystore.proxy import Proxy
 from proxystore.store import Store
 
-from dask_helpers import held_sum, owned_head, owned_ones, poll_for
+from dask_helpers import CountingFactory, held_sum, owned_head, owned_ones, poll_for
 from proxy_patterns.ownership import (
     MutableBorrowError,
     OwnedProxy,
@@ -34,6 +36,7 @@ from proxy_patterns.ownership import (
 )
 from proxy_patterns.proxy import key_of
 from proxy_patterns.rendezvous import LEASE
+from proxy_patterns.shm import SharedMemoryConnector
 from proxy_patterns.store import count_keys
 
 both_stores = pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
@@ -282,3 +285,39 @@ def test_lease_renewal_outlives_a_failing_connection(store: Store[Any]) -> None:
         lease_renewer.discard(broken, "broken")
     release(p)
     assert count_keys(store) == 0
+
+
+def test_owned_task_leaves_other_proxies_unresolved() -> None:
+    """Finding the references a task was given must not resolve the other proxies it got."""
+    factory = CountingFactory(np.arange(3))
+
+    @owned_task
+    def size(x: Any) -> int:
+        return 1
+
+    assert size(Proxy(factory)) == 1 and size([Proxy(factory)]) == 1
+    assert factory.calls == 0
+
+
+def test_records_are_kept_per_connector_without_keeping_it_alive(
+    shm_dir: str, tmp_path: Any
+) -> None:
+    """Records are found by connector object: a freed connector leaves nothing behind (before,
+    tables were kept by ``id`` and held their connector for ever), and another connector, which
+    may reuse that ``id``, gets records bound to itself."""
+    first = SharedMemoryConnector(shm_dir)
+    table = ref_table_for(_StoreOf(first))
+    assert table.connector.directory == shm_dir  # type: ignore[attr-defined]
+    alive = weakref.ref(first)
+    del first, table
+    gc.collect()
+    assert alive() is None
+    second = SharedMemoryConnector(str(tmp_path))
+    assert ref_table_for(_StoreOf(second)).connector.directory == str(tmp_path)  # type: ignore[attr-defined]
+
+
+class _StoreOf:
+    """Just enough of a Store for ref_table_for: its connector."""
+
+    def __init__(self, connector: Any) -> None:
+        self.connector = connector

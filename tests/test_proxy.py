@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections.abc
 import gc
 import pickle
+import subprocess
+import sys
 import weakref
 from typing import Any
 
@@ -97,3 +99,21 @@ def test_a_proxy_of_an_unhashable_object_pins_no_frames(shm_store: Store[Any]) -
     with pytest.raises(TypeError, match="unhashable"):
         hash(p)
     shm_store.evict(key_of(p))
+
+
+def test_proxy_classes_pickle_beside_modules_with_a_module_getattr() -> None:
+    """Proxy classes are pickled by reference to the module that defines them, found without
+    asking every module in ``sys.modules`` (a module-level ``__getattr__`` may raise)."""
+    code = (
+        "import pickle, sys, types\n"
+        "hostile = types.ModuleType('hostile')\n"
+        "def refuse(name):\n"
+        "    raise RuntimeError(f'asked for {name}')\n"
+        "hostile.__getattr__ = refuse\n"
+        "sys.modules['hostile'] = hostile\n"
+        "from proxy_patterns.ownership import OwnedProxy\n"
+        "from proxy_patterns.proxy import OpaqueProxy, TransitProxy\n"
+        "for cls in (OpaqueProxy, TransitProxy, OwnedProxy):\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
