@@ -14,7 +14,9 @@ the table shows its peak above its level before the workload.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -90,6 +92,16 @@ class PeakRSS:
         return int(self.peak - self.base)
 
 
+def _put_interpreter_scripts_on_path() -> None:
+    """HTEX starts ``interchange.py`` and ``process_worker_pool.py`` from ``PATH``: when this
+    runs as ``venv/bin/proxy-patterns`` without the virtualenv activated, they are found only
+    beside the interpreter."""
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [scripts, path]))
+
+
 def measure(mode: str, nbytes: int, store: str) -> dict[str, tuple[float, int]]:
     """(seconds, interchange growth in bytes) per workload in ``mode``."""
     import parsl
@@ -98,6 +110,7 @@ def measure(mode: str, nbytes: int, store: str) -> dict[str, tuple[float, int]]:
 
     from proxy_patterns.plugins.parsl import proxied
 
+    _put_interpreter_scripts_on_path()
     htex = HighThroughputExecutor(
         label="htex",
         address="127.0.0.1",
