@@ -67,7 +67,7 @@ from proxystore.proxy import Proxy, get_factory
 from proxy_patterns.futures import pickled_futures
 from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of
 from proxy_patterns.plugins._dask_prometheus import expose
-from proxy_patterns.policy import ProxyPolicy
+from proxy_patterns.policy import AROUND_ARGUMENTS, AROUND_GATHERED, DEFAULT_THRESHOLD, ProxyPolicy
 from proxy_patterns.proxy import (
     SCALARS,
     TransitProxy,
@@ -92,7 +92,7 @@ OWNER_HANDLER = "proxy_patterns_owner"
 PROXY_NBYTES = 512
 """What Dask's ``sizeof`` reports for a proxy: its own small size, never its target's."""
 
-dask.config.update_defaults({"proxy-patterns": {"threshold": "1 MiB", "store": None}})
+dask.config.update_defaults({"proxy-patterns": {"threshold": DEFAULT_THRESHOLD, "store": None}})
 
 
 def _idle_topic(client_id: str) -> str:
@@ -344,7 +344,7 @@ class DaskProxyPlugin:
         result = await self._gather(futures, *args, **kwargs)
         if not self.resolve_results:
             return self._held_results(futures, result)
-        return materialize(result, depth=self.policy.max_depth + 2)
+        return materialize(result, depth=self.policy.max_depth + AROUND_GATHERED)
 
     def _held_results(self, futures: Any, result: Any) -> Any:
         """Lazy results: each proxy holds a future on the key of the task that made it.
@@ -356,14 +356,16 @@ class DaskProxyPlugin:
         """
         if isinstance(futures, Future):
             own: Future[Any] = Future(futures.key, self.client)
-            return map_proxies(result, lambda p: held(p, own), self.policy.max_depth + 1)
+            return map_proxies(
+                result, lambda p: held(p, own), self.policy.max_depth + AROUND_ARGUMENTS
+            )
         if type(futures) in (list, tuple):
             return type(futures)(
                 self._held_results(f, r) for f, r in zip(futures, result, strict=True)
             )
         if type(futures) is dict:
             return {k: self._held_results(f, result[k]) for k, f in futures.items()}
-        return materialize(result, depth=self.policy.max_depth + 2)
+        return materialize(result, depth=self.policy.max_depth + AROUND_GATHERED)
 
     # --- user-facing -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -446,7 +448,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
                 self._passed_on[key] = []
                 return
             report = functools.partial(self._passed_on.__setitem__, key)
-            spec = _materializing(ts.run_spec, self.policy.max_depth + 1, report)
+            spec = _materializing(ts.run_spec, self.policy.max_depth + AROUND_ARGUMENTS, report)
             if spec is not None:
                 ts.run_spec = spec
         elif finish == "memory" and start in ("executing", "long-running"):
@@ -454,7 +456,9 @@ class ProxyWorkerPlugin(WorkerPlugin):
             self._unproxied.add(key)
             held = self._passed_on.pop(key, None)
             if held is None:  # not a task function (an alias, say): look at the result
-                held = store_keys_in(self.worker.data[key], self.policy.max_depth + 1)
+                held = store_keys_in(
+                    self.worker.data[key], self.policy.max_depth + AROUND_ARGUMENTS
+                )
             if held:  # proxies the task passed through (e.g. dask.array aliases)
                 self.worker.log_event(RESULTS_TOPIC, {"data": pickle.dumps((key, [], held))})
         elif start == "memory":
@@ -484,7 +488,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
             return
         if proxied is not value:
             self.worker.data[key] = proxied
-        held = store_keys_in(proxied, self.policy.max_depth + 1)
+        held = store_keys_in(proxied, self.policy.max_depth + AROUND_ARGUMENTS)
         if created:
             data = pickle.dumps((key, created, held))
             self.worker.log_event(RESULTS_TOPIC, {"data": data})

@@ -49,7 +49,7 @@ from parsl.serialize.errors import SerializationError
 from proxystore.proxy import Proxy
 
 from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
-from proxy_patterns.policy import DEFAULT_THRESHOLD, ProxyPolicy
+from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy
 from proxy_patterns.proxy import TransitProxy, key_of, materialize, proxy
 from proxy_patterns.serialize import Frames
 from proxy_patterns.shm import process_tag
@@ -84,7 +84,7 @@ class _ProxyingApp:
         self.__name__ = getattr(func, "__name__", type(func).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        depth = self.policy.max_depth + 1
+        depth = self.policy.max_depth + AROUND_ARGUMENTS
         result = self.func(*materialize(args, depth), **materialize(kwargs, depth))
         store = get_store(self.store_spec)
         created: list[Any] = []
@@ -310,7 +310,7 @@ class ParslProxyPlugin:
         with self._lock:
             self.bytes_proxied += result.nbytes
         try:
-            value = materialize(result.value, self.policy.max_depth + 1)
+            value = materialize(result.value, self.policy.max_depth + AROUND_ARGUMENTS)
         except BaseException:
             self._drop(holds)
             raise

@@ -35,6 +35,13 @@ T = TypeVar("T")
 DEFAULT_THRESHOLD = "1 MiB"
 """Objects whose serialized size is larger travel by proxy, unless configured otherwise."""
 
+AROUND_ARGUMENTS = 1
+"""Container levels around judged values in a task's arguments (the argument tuple or the
+keyword dict): ``max_depth + AROUND_ARGUMENTS`` reaches every proxy made for them."""
+AROUND_GATHERED = 2
+"""Container levels around judged results as a client gathers them (``gather`` packs results
+in lists, tuples and dicts, one level inside another at most)."""
+
 MakeProxy = Callable[[Any, Frames], Any]
 """Stores an object, given its frames (``serialize.dumps(obj)``), and returns its proxy."""
 
