@@ -7,8 +7,8 @@ size that decides, whatever the type: a dataclass holding 50 MB of ``bytes`` is 
 whose serialized size is known without serializing them (``bytes``, ``bytearray``, ``memoryview``,
 ASCII ``str``, numpy arrays of numbers) are measured directly; any other object is serialized to
 be measured, and those frames are the ones that are stored, or that travel in its place when
-it stays below the threshold (:class:`~proxy_patterns.serialize.Serialized`): every object is
-serialized once.
+it stays below the threshold (:class:`~proxy_patterns.serialize.Serialized`, for objects large
+enough that a second serialization would cost more than carrying the frames).
 
 Proxying the wrong things breaks the frameworks: a future hidden inside a proxy is no longer
 seen, so its dependency is never resolved. Every integration therefore asks this one module, so

@@ -104,17 +104,20 @@ class OpaqueProxy(Proxy[T]):
         object.__delattr__(self, "__proxy_target__")
 
     def __reduce__(self) -> Any:
-        return _rebuild, self._state()
+        return _rebuild, _state(self)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self.__reduce__()
 
-    def _state(self) -> tuple[Any, Any, Any]:
-        return (
-            object.__getattribute__(self, "__proxy_factory__"),
-            object.__getattribute__(self, "__proxy_default_class__"),
-            object.__getattribute__(self, "__proxy_default_hash__"),
-        )
+
+def _state(p: OpaqueProxy[Any]) -> tuple[Any, Any, Any]:
+    """What rebuilds a proxy: its factory and cached class and hash (a function, not a method:
+    any name on a proxy class hides the target's attribute of that name from user code)."""
+    return (
+        object.__getattribute__(p, "__proxy_factory__"),
+        object.__getattribute__(p, "__proxy_default_class__"),
+        object.__getattribute__(p, "__proxy_default_hash__"),
+    )
 
 
 class TransitProxy(OpaqueProxy[T]):
@@ -124,7 +127,7 @@ class TransitProxy(OpaqueProxy[T]):
     __slots__ = ()
 
     def __reduce__(self) -> Any:
-        return _rebuild_transit, self._state()
+        return _rebuild_transit, _state(self)
 
 
 class HeldProxy(OpaqueProxy[T]):

@@ -117,3 +117,13 @@ def test_proxy_classes_pickle_beside_modules_with_a_module_getattr() -> None:
         "    assert pickle.loads(pickle.dumps(cls)) is cls\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_proxy_adds_no_names_that_hide_its_targets(shm_store: Store[Any]) -> None:
+    class Target:
+        _state = "the target's"
+
+    for cls in (OpaqueProxy, TransitProxy):
+        p = proxy(shm_store, Target(), cls=cls)
+        assert p._state == "the target's"
+        shm_store.evict(key_of(p))
