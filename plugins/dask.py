@@ -76,6 +76,7 @@ from proxy_patterns.proxy import (
     map_proxies,
     materialize,
     proxy,
+    put_large_parts,
     store_keys_in,
 )
 from proxy_patterns.serialize import Frames, SizeExceeded, dumps
@@ -470,18 +471,9 @@ class ProxyWorkerPlugin(WorkerPlugin):
         """Put ``key``'s large parts in the store; if that fails, it leaves by value, as in
         plain Dask (a store that is full must not fail the transfer)."""
         value = self.worker.data[key]
-        created: list[tuple[Any, int]] = []
-
-        def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
-            p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
-            created.append((key_of(p), frames.nbytes))
-            return p
-
         try:
-            proxied = self.policy.apply(value, make_proxy)
+            proxied, created = put_large_parts(self.policy, self.store, value)
         except Exception:
-            for created_key, _ in created:
-                self.store.evict(created_key)
             logger.warning(
                 "result %r is sent by value: it could not be put in the store", key, exc_info=True
             )

@@ -50,7 +50,7 @@ from proxystore.proxy import Proxy
 
 from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
 from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy
-from proxy_patterns.proxy import TransitProxy, key_of, materialize, proxy
+from proxy_patterns.proxy import TransitProxy, key_of, materialize, proxy, put_large_parts
 from proxy_patterns.serialize import Frames
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
@@ -86,24 +86,14 @@ class _ProxyingApp:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         depth = self.policy.max_depth + AROUND_ARGUMENTS
         result = self.func(*materialize(args, depth), **materialize(kwargs, depth))
-        store = get_store(self.store_spec)
-        created: list[Any] = []
-        nbytes = 0
-
-        def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
-            nonlocal nbytes
-            p = proxy(store, obj, keep_target=False, frames=frames, cls=TransitProxy)
-            created.append(key_of(p))
-            nbytes += frames.nbytes
-            return p
-
         try:
-            proxied = self.policy.apply(result, make_proxy)
+            proxied, created = put_large_parts(self.policy, get_store(self.store_spec), result)
         except Exception:  # the store cannot take it (full): it goes by value, as in Parsl
-            for key in created:
-                store.evict(key)
             return result
-        return _ProxiedResult(proxied, tuple(created), nbytes) if created else result
+        if not created:
+            return result
+        keys = tuple(key for key, _ in created)
+        return _ProxiedResult(proxied, keys, sum(nbytes for _, nbytes in created))
 
 
 @dataclass

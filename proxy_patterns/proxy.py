@@ -25,7 +25,7 @@ from __future__ import annotations
 import copyreg
 import importlib
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from proxystore.proxy import Proxy, get_factory
 from proxystore.proxy._utils import ProxyMetaType
@@ -34,6 +34,9 @@ from proxystore.store.factory import StoreFactory
 
 from proxy_patterns.serialize import Frames
 from proxy_patterns.store import put
+
+if TYPE_CHECKING:
+    from proxy_patterns.policy import ProxyPolicy
 
 T = TypeVar("T")
 
@@ -214,6 +217,29 @@ def proxy(
     if not keep_target:
         del p.__proxy_wrapped__
     return p
+
+
+def put_large_parts(
+    policy: ProxyPolicy, store: Store[Any], value: Any
+) -> tuple[Any, list[tuple[Any, int]]]:
+    """``value`` with its large parts put in ``store`` (judged by ``policy``) and replaced by
+    :class:`TransitProxy` objects, and the (key, bytes) of each part put: what a worker does with a
+    task's result. If a put fails (a store that is full), what was put is evicted and the
+    error raised: the caller sends the value as the framework would.
+    """
+    created: list[tuple[Any, int]] = []
+
+    def make_proxy(obj: Any, frames: Frames) -> Proxy[Any]:
+        p = proxy(store, obj, keep_target=False, frames=frames, cls=TransitProxy)
+        created.append((key_of(p), frames.nbytes))
+        return p
+
+    try:
+        return policy.apply(value, make_proxy), created
+    except BaseException:
+        for key, _ in created:
+            store.evict(key)
+        raise
 
 
 def key_of(p: Proxy[Any]) -> Any:
