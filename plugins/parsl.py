@@ -48,9 +48,10 @@ from parsl.executors.base import ParslExecutor
 from parsl.serialize.errors import SerializationError
 from proxystore.proxy import Proxy
 
-from proxy_patterns.ownership import ReferenceInvalidError, ref_table_for
+from proxy_patterns.arguments import ArgumentProxies
+from proxy_patterns.ownership import ReferenceInvalidError
 from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy
-from proxy_patterns.proxy import TransitProxy, key_of, materialize, proxy, put_large_parts
+from proxy_patterns.proxy import key_of, materialize, put_large_parts
 from proxy_patterns.serialize import Frames
 from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
@@ -128,16 +129,15 @@ class ParslProxyPlugin:
         self.store_spec = store_spec
         self.in_process = in_process
         self.store = get_store(store_spec)
-        self.table = ref_table_for(self.store)
+        self.arguments = ArgumentProxies(self.store)
+        self.table = self.arguments.table
         self._submit = executor.submit
         self._shutdown = executor.shutdown
         self._lock = threading.Lock()
-        self._arguments: dict[str, Any] = {}  # content token -> argument proxy in the store
-        self._token_of: dict[Any, str] = {}  # and back, from its key
         self._delivered: dict[int, _Delivered] = {}  # by id of the delivered object
         self._holds: dict[int, _Holds] = {}  # of apps not done yet, and of delivered results
         self._apps: dict[int, _ProxyingApp] = {}
-        self.bytes_proxied = 0
+        self._result_bytes = 0
 
     def install(self) -> None:
         self.executor.submit = self.submit  # type: ignore[method-assign]
@@ -146,30 +146,9 @@ class ParslProxyPlugin:
 
     # --- arguments ------------------------------------------------------------------------
     def _hold_argument(self, obj: Any, frames: Frames, holds: _Holds) -> Proxy[Any]:
-        token = frames.digest()
-        with self._lock:
-            known = self._arguments.get(token)
-            if known is not None:
-                try:
-                    holds.holders.append((key_of(known), self.table.add(key_of(known), "ref")))
-                    return known  # type: ignore[no-any-return]
-                except ReferenceInvalidError:  # its last app finished meanwhile
-                    self._forget_argument(key_of(known))
-            p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
-            try:
-                holds.holders.append((key_of(p), self.table.create(key_of(p))))
-            except BaseException:
-                self.store.evict(key_of(p))
-                raise
-            self._arguments[token] = p
-            self._token_of[key_of(p)] = token
-            self.bytes_proxied += frames.nbytes
-            return p
-
-    def _forget_argument(self, key: Any) -> None:
-        token = self._token_of.pop(key, None)
-        if token is not None:
-            del self._arguments[token]
+        p, holder = self.arguments.hold(obj, frames)
+        holds.holders.append((key_of(p), holder))
+        return p
 
     def _passed_on(self, value: Any, holds: _Holds) -> Any:
         """The proxied form of a result delivered earlier, held for the app it is passed to,
@@ -216,9 +195,7 @@ class ParslProxyPlugin:
         with self._lock:
             self._holds.pop(id(holds), None)
         for key, holder in holds.take():
-            if self.table.drop(key, holder):
-                with self._lock:
-                    self._forget_argument(key)
+            self.table.drop(key, holder)
 
     # --- the executor's methods -----------------------------------------------------------
     def submit(
@@ -298,7 +275,7 @@ class ParslProxyPlugin:
         holds = self._new_holds()
         holds.holders = [(key, self.table.create(key)) for key in result.created]
         with self._lock:
-            self.bytes_proxied += result.nbytes
+            self._result_bytes += result.nbytes
         try:
             value = materialize(result.value, self.policy.max_depth + AROUND_ARGUMENTS)
         except BaseException:
@@ -352,7 +329,7 @@ class ParslProxyPlugin:
     def stats(self) -> dict[str, int]:
         """Bytes proxied so far (arguments put, results delivered), and keys held now."""
         with self._lock:
-            bytes_proxied = self.bytes_proxied
+            bytes_proxied = self.arguments.bytes_put + self._result_bytes
         return {"bytes_proxied": bytes_proxied, "keys_held": self.keys_held()}
 
 

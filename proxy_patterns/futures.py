@@ -212,8 +212,13 @@ class ProxyFuture(Generic[T]):
         threading.Thread(target=wait_then_call, name=f"callback {self.key}", daemon=True).start()
 
     def evict(self) -> None:
-        """Remove the value and the claim from the store now, and give up this future's hold."""
-        self._rendezvous.forget(self.key)
+        """Give up this future's hold on its key now, rather than when it is collected.
+
+        The value and the claim are evicted at once unless something else still holds the key
+        (a task graph that carries the future, with the Dask plugin), then when that lets go:
+        a task that may still read the value never finds it gone. A future received from
+        another process holds nothing, so there this does nothing.
+        """
         if self._release is not None:
             self._release()
 
