@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 
 from proxystore.proxy import Proxy
 
+from proxy_patterns.containers import is_container, members, with_members
 from proxy_patterns.serialize import Frames, PickleRefused, Serialized, dumps
 
 T = TypeVar("T")
@@ -59,7 +60,6 @@ _TRIVIAL_TYPES: tuple[type, ...] = (
     types.MethodType,
     types.ModuleType,
 )
-_CONTAINER_TYPES = (list, tuple, dict, set, frozenset)
 _BOUNDED_DEPTH = 2
 _BOUNDED_ITEMS = 64
 _UNBOUNDED = sys.maxsize
@@ -243,8 +243,8 @@ class _Judgement:
         if policy.pinned(cls):
             return obj, True
         excluded = policy.include and not issubclass(cls, policy.include)
-        is_container = issubclass(cls, _CONTAINER_TYPES)
-        if excluded and not is_container:
+        container = is_container(cls)
+        if excluded and not container:
             return obj, False
         nbytes = known_nbytes(obj)
         if nbytes is not None:
@@ -256,7 +256,7 @@ class _Judgement:
         try:
             frames = dumps(obj, refuse=policy.pinned)
         except PickleRefused:  # it holds something pinned: never hidden in a proxy
-            return self._walk(obj, depth, pinned=True) if is_container else (obj, True)
+            return self._walk(obj, depth, pinned=True) if container else (obj, True)
         except Exception as e:
             if self.unpicklable is not None:
                 self.unpicklable.append((obj, e))
@@ -271,23 +271,5 @@ class _Judgement:
         member was replaced). Beyond ``max_depth`` it is left as it is, ``pinned`` or not."""
         if depth <= 0:
             return obj, pinned
-        is_dict = isinstance(obj, dict)
-        values = list(obj.values()) if is_dict else list(obj)
-        results = [self.value(v, depth - 1) for v in values]
-        new_values = [new for new, _ in results]
-        pinned = any(p for _, p in results)
-        if all(new is old for new, old in zip(new_values, values, strict=True)):
-            return obj, pinned
-        items = dict(zip(obj, new_values, strict=True)) if is_dict else new_values
-        return rebuild_container(type(obj), items), pinned
-
-
-def rebuild_container(cls: type, items: list[Any] | dict[Any, Any]) -> Any:
-    """Build a ``cls`` from ``items``, or its builtin base if ``cls`` cannot take them."""
-    try:
-        if issubclass(cls, tuple) and hasattr(cls, "_fields"):  # namedtuple
-            return cls(*items)
-        return cls(items)
-    except TypeError:
-        base = next(b for b in _CONTAINER_TYPES if issubclass(cls, b))
-        return base(items)
+        judged = [self.value(member, depth - 1) for member in members(obj)]
+        return with_members(obj, [new for new, _ in judged]), any(p for _, p in judged)

@@ -32,6 +32,7 @@ from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
+from proxy_patterns.containers import is_container, members, with_members
 from proxy_patterns.serialize import Frames
 from proxy_patterns.store import put
 
@@ -252,27 +253,20 @@ SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
 def map_proxies(obj: Any, fn: Callable[[Proxy[Any]], Any], depth: int) -> Any:
-    """``obj`` with every proxy in it, and in its lists, tuples and dicts to ``depth``, replaced
-    by ``fn(proxy)``.
+    """``obj`` with every proxy in it, and in its containers (:mod:`proxy_patterns.containers`)
+    to ``depth``, replaced by ``fn(proxy)``.
 
     Containers are rebuilt with their own type (namedtuples, dict subclasses) when something
     inside was replaced, and returned as they are otherwise.
     """
-    from proxy_patterns.policy import rebuild_container
-
     cls = type(obj)
     if cls in SCALARS:  # most task arguments: answered before any subclass check
         return obj
     if issubclass(cls, Proxy):
         return fn(obj)
-    if depth <= 0 or not issubclass(cls, (list, tuple, dict)):
+    if depth <= 0 or not is_container(cls):
         return obj
-    is_dict = issubclass(cls, dict)
-    values = list(obj.values()) if is_dict else list(obj)
-    mapped = [map_proxies(v, fn, depth - 1) for v in values]
-    if all(new is old for new, old in zip(mapped, values, strict=True)):
-        return obj
-    return rebuild_container(cls, dict(zip(obj, mapped, strict=True)) if is_dict else mapped)
+    return with_members(obj, [map_proxies(member, fn, depth - 1) for member in members(obj)])
 
 
 def store_keys_in(obj: Any, depth: int) -> list[Any]:

@@ -127,3 +127,24 @@ def test_a_proxy_adds_no_names_that_hide_its_targets(shm_store: Store[Any]) -> N
         p = proxy(shm_store, Target(), cls=cls)
         assert p._state == "the target's"
         shm_store.evict(key_of(p))
+
+
+def test_the_policy_and_materialize_walk_the_same_containers(shm_store: Store[Any]) -> None:
+    """A future in a set pins the set, so the policy proxies its large members one by one;
+    materialize must find those proxies where the policy put them."""
+    from concurrent.futures import Future
+
+    from proxy_patterns.policy import ProxyPolicy
+    from proxy_patterns.proxy import put_large_parts
+
+    future: Future[None] = Future()
+    large = b"x" * 4096
+    value = (frozenset({large, future}), 1)
+    proxied, created = put_large_parts(ProxyPolicy(1024), shm_store, value)
+    assert len(created) == 1
+    inner = next(m for m in proxied[0] if m is not future)
+    assert type(inner) is TransitProxy
+    materialized = materialize(proxied, depth=3)
+    assert type(next(m for m in materialized[0] if m is not future)) is bytes  # not a proxy
+    assert materialized == value
+    shm_store.evict(created[0][0])
