@@ -52,17 +52,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-import dask
-import dask.config
-from dask._expr import Expr
-from dask._task_spec import DataNode, GraphNode, Task, TaskRef
-from dask.base import annotate, normalize_token
-from dask.highlevelgraph import HighLevelGraph, Layer
-from dask.sizeof import sizeof
-from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
-from distributed.client import _MapExpr
-from distributed.protocol.serialize import Serialized
 from proxystore.proxy import Proxy, get_factory
+
+from proxy_patterns.extras import requires_extra
+
+with requires_extra("dask", __name__):
+    import dask
+    import dask.config
+    from dask._expr import Expr
+    from dask._task_spec import DataNode, GraphNode, Task, TaskRef
+    from dask.base import annotate, normalize_token
+    from dask.highlevelgraph import HighLevelGraph, Layer
+    from dask.sizeof import sizeof
+    from distributed import Client, Future, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
+    from distributed.client import _MapExpr
+    from distributed.protocol.serialize import Serialized
 
 from proxy_patterns.futures import pickled_futures
 from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_of

@@ -27,6 +27,7 @@ import proxystore.store
 from proxystore.connectors.protocols import Connector
 from proxystore.store import Store
 
+from proxy_patterns.extras import requires_extra
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
 from proxy_patterns.sizes import parse_bytes
@@ -70,7 +71,8 @@ def connector_from_spec(spec: str) -> Connector[Any]:
 
         return FileConnector(url.path, clear=False)
     if url.scheme == "redis" and url.hostname:
-        from proxystore.connectors.redis import RedisConnector
+        with requires_extra("redis", f"the store {spec!r}"):
+            from proxystore.connectors.redis import RedisConnector
 
         return RedisConnector(url.hostname, url.port or 6379)
     raise ValueError(
