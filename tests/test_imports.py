@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pkgutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from proxystore.store import Store
 
 import proxy_patterns
+from proxy_patterns.extras import ExtraNotInstalledError, requires_extra
 
 FRAMEWORKS = ("dask", "distributed", "parsl", "globus_compute_sdk")
 CORE = sorted(
@@ -130,3 +132,17 @@ def test_command_without_its_extra_says_which_to_install(command: list[str], ext
     )
     assert result.stderr.endswith(f"pip install 'proxy-patterns[{extra}]'\n")
     assert "Traceback" not in result.stderr
+
+
+def test_a_command_built_on_a_plugin_names_its_own_extra_and_the_missing_module() -> None:
+    with (
+        pytest.raises(ExtraNotInstalledError) as raised,
+        requires_extra("bench", "proxy-patterns bench dask"),
+        requires_extra("dask", "proxy_patterns.plugins.dask"),
+    ):
+        importlib.import_module("proxy_patterns_no_such_module")
+    assert str(raised.value) == (
+        "proxy-patterns bench dask needs the 'bench' extra "
+        "(No module named 'proxy_patterns_no_such_module'): pip install 'proxy-patterns[bench]'"
+    )
+    assert raised.value.name == "proxy_patterns_no_such_module"
