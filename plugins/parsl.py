@@ -41,12 +41,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import parsl
-from parsl.errors import NoDataFlowKernelError
-from parsl.executors import ThreadPoolExecutor
-from parsl.executors.base import ParslExecutor
-from parsl.serialize.errors import SerializationError
 from proxystore.proxy import Proxy
+
+from proxy_patterns.extras import requires_extra
+
+with requires_extra("parsl", __name__):
+    import parsl
+    from parsl.errors import NoDataFlowKernelError
+    from parsl.executors import ThreadPoolExecutor
+    from parsl.executors.base import ParslExecutor
+    from parsl.serialize.errors import SerializationError
 
 from proxy_patterns.arguments import ArgumentProxies
 from proxy_patterns.ownership import ReferenceInvalidError

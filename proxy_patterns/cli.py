@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+from proxy_patterns.extras import ExtraNotInstalledError, requires_extra
 from proxy_patterns.shm import DEFAULT_DIRECTORY, remove_stale_segments
 
 
@@ -17,16 +19,19 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy_patterns.bench.demo import run_demo
+    with requires_extra("dask", "proxy-patterns demo"):
+        from proxy_patterns.bench.demo import run_demo
 
-    run_demo(store_spec=args.store, size_mb=args.size_mb, tasks=args.tasks)
+        run_demo(store_spec=args.store, size_mb=args.size_mb, tasks=args.tasks)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from proxy_patterns.bench import run_benchmark
 
-    run_benchmark(args.name, quick=args.quick, plot=args.plot, redis=args.redis)
+    # Every benchmark's needs (its framework, numpy, plots) are in the one extra.
+    with requires_extra("bench", f"proxy-patterns bench {args.name}"):
+        run_benchmark(args.name, quick=args.quick, plot=args.plot, redis=args.redis)
     return 0
 
 
@@ -69,4 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``proxy-patterns``."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ExtraNotInstalledError as error:  # a missing extra is a usage error, as argparse's
+        print(f"proxy-patterns: error: {error}", file=sys.stderr)
+        return 2

@@ -30,6 +30,7 @@ from proxystore.proxy import Proxy
 
 from proxy_patterns.containers import is_container, members, with_members
 from proxy_patterns.serialize import Frames, PickleRefused, Serialized, dumps
+from proxy_patterns.sizes import parse_bytes
 
 T = TypeVar("T")
 
@@ -156,15 +157,11 @@ class ProxyPolicy:
     max_depth: int = 2
 
     def __post_init__(self) -> None:
-        from dask.utils import parse_bytes
-
         threshold = self.threshold
         if isinstance(threshold, str):
             try:
-                if not threshold.strip():  # parse_bytes would read a blank string as 1 byte
-                    raise ValueError("blank string")
                 threshold = parse_bytes(threshold)
-            except (ValueError, OverflowError) as e:
+            except ValueError as e:
                 raise ValueError(f"cannot parse threshold {self.threshold!r} as bytes") from e
         if threshold < 0:
             raise ValueError(f"threshold must not be negative, got {self.threshold!r}")

@@ -27,8 +27,10 @@ import proxystore.store
 from proxystore.connectors.protocols import Connector
 from proxystore.store import Store
 
+from proxy_patterns.extras import requires_extra
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
+from proxy_patterns.sizes import parse_bytes
 
 STORE_ENV = "PROXY_PATTERNS_STORE"
 LEASE_PREFIX = "proxy-patterns:lease:"
@@ -57,8 +59,6 @@ def connector_from_spec(spec: str) -> Connector[Any]:
     if url.scheme == "" and url.path == "shm":
         return SharedMemoryConnector(DEFAULT_DIRECTORY)
     if url.scheme == "shm":
-        from dask.utils import parse_bytes
-
         query = parse_qs(url.query)
         owner = query.get("owner", [None])[0]
         spare = query.get("spare_bytes", [None])[0]
@@ -71,7 +71,8 @@ def connector_from_spec(spec: str) -> Connector[Any]:
 
         return FileConnector(url.path, clear=False)
     if url.scheme == "redis" and url.hostname:
-        from proxystore.connectors.redis import RedisConnector
+        with requires_extra("redis", f"the store {spec!r}"):
+            from proxystore.connectors.redis import RedisConnector
 
         return RedisConnector(url.hostname, url.port or 6379)
     raise ValueError(

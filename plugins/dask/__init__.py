@@ -27,12 +27,17 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import dask
-import dask.config
-from dask.base import normalize_token
-from dask.sizeof import sizeof
-from distributed import Client, Scheduler, Worker
 from proxystore.proxy import Proxy, get_factory
+
+from proxy_patterns.extras import requires_extra
+
+# The package's modules import Dask too: this runs first, so it guards them all.
+with requires_extra("dask", __name__):
+    import dask
+    import dask.config
+    from dask.base import normalize_token
+    from dask.sizeof import sizeof
+    from distributed import Client, Scheduler, Worker
 
 from proxy_patterns.plugins.dask.client import DaskProxyPlugin
 from proxy_patterns.plugins.dask.protocol import PLUGIN_NAME
