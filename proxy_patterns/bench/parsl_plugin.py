@@ -1,15 +1,19 @@
-"""``proxy-patterns bench parsl``: plain HTEX against HTEX with ``proxied()``, same workloads.
+"""``proxy-patterns bench parsl``: plain HTEX against HTEX with ``proxied()``, same workloads,
+and the same workloads through the Dask plugin.
 
 A ``HighThroughputExecutor`` with 2 workers (``LocalProvider``), a fresh DataFlowKernel per
-mode (plain, proxied on shared memory):
+mode (plain, proxied on shared memory); then a ``LocalCluster`` of 2 worker processes with the
+Dask plugin on the same store, as the yardstick of what proxying costs when the framework adds
+little of its own:
 
 * ``a`` — one 100 MB array passed to 20 apps, small results;
 * ``b`` — 10 apps, each given its own 100 MB array and returning 100 MB;
 * ``c`` — a chain of 5 apps passing 100 MB along.
 
 Each mode first runs every workload once at a hundredth of the size (workers up, first touch
-of memory paid), then once timed. A sampler reads the interchange process's RSS every 50 ms:
-the table shows its peak above its level before the workload.
+of memory paid), then once timed; making the workload's arrays is part of every mode's time.
+A sampler reads the interchange process's RSS every 50 ms: the table shows its peak above its
+level before the workload.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +34,7 @@ from parsl import python_app
 from proxy_patterns.bench.report import print_table
 
 MB = 10**6
-MODES = ("plain", "proxied")
+MODES = ("plain", "proxied", "dask")
 WORKLOADS = {
     "a": "a: one 100 MB arg -> 20 apps",
     "b": "b: 10 apps x own 100 MB arg -> 100 MB",
@@ -36,31 +42,42 @@ WORKLOADS = {
 }
 
 
-@python_app(executors=["htex"])
-def total(x: Any) -> float:
+def _total(x: Any) -> float:
     import numpy as np
 
     return float(np.sum(x[:1000]))
 
 
-@python_app(executors=["htex"])
-def double(x: Any) -> Any:
+def _double(x: Any) -> Any:
     return x * 2.0
 
 
-def _run(name: str, nbytes: int) -> None:
+@dataclass(frozen=True)
+class Apps:
+    """The workloads' two functions as one framework submits them (each returns a future)."""
+
+    total: Callable[[Any], Any]
+    double: Callable[[Any], Any]
+
+
+PARSL_APPS = Apps(
+    total=python_app(executors=["htex"])(_total), double=python_app(executors=["htex"])(_double)
+)
+
+
+def _run(name: str, nbytes: int, apps: Apps) -> None:
     """Run workload ``name`` with arrays of ``nbytes`` and check its results."""
     x = np.ones(nbytes // 8)
     if name == "a":
-        assert {f.result() for f in [total(x) for _ in range(20)]} == {1000.0}
+        assert {f.result() for f in [apps.total(x) for _ in range(20)]} == {1000.0}
     elif name == "b":
         arrays = [np.full(nbytes // 8, float(i)) for i in range(10)]
-        results = [f.result() for f in [double(a) for a in arrays]]
+        results = [f.result() for f in [apps.double(a) for a in arrays]]
         assert [float(r[0]) for r in results] == [2.0 * i for i in range(10)]
     else:
-        f = double(x)
+        f = apps.double(x)
         for _ in range(4):
-            f = double(f)
+            f = apps.double(f)
         assert float(f.result()[0]) == 32.0
 
 
@@ -124,17 +141,46 @@ def measure(mode: str, nbytes: int, store: str) -> dict[str, tuple[float, int]]:
         dfk = parsl.load(Config(executors=[htex], run_dir=run_dir, initialize_logging=False))
         try:
             for name in WORKLOADS:
-                _run(name, nbytes // 100)  # warm-up
+                _run(name, nbytes // 100, PARSL_APPS)  # warm-up
             assert htex.interchange_proc is not None
             interchange = htex.interchange_proc.pid
             for name in WORKLOADS:
                 with PeakRSS(interchange) as rss:
                     start = time.perf_counter()
-                    _run(name, nbytes)
+                    _run(name, nbytes, PARSL_APPS)
                     results[name] = (time.perf_counter() - start, rss.growth)
         finally:
             dfk.cleanup()
             parsl.clear()
+    return results
+
+
+def measure_dask(nbytes: int, store: str) -> dict[str, tuple[float, int]]:
+    """(seconds, 0) per workload through the Dask plugin (there is no interchange)."""
+    import functools
+
+    from distributed import Client, LocalCluster
+
+    from proxy_patterns.plugins.dask import register
+
+    results: dict[str, tuple[float, int]] = {}
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        register(client, store=store)
+        apps = Apps(
+            total=functools.partial(client.submit, _total, pure=False),
+            double=functools.partial(client.submit, _double, pure=False),
+        )
+        for name in WORKLOADS:
+            _run(name, nbytes // 100, apps)
+        for name in WORKLOADS:
+            start = time.perf_counter()
+            _run(name, nbytes, apps)
+            results[name] = (time.perf_counter() - start, 0)
     return results
 
 
@@ -146,7 +192,8 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     directory = tempfile.mkdtemp(prefix="pp-bench-parsl-", dir="/dev/shm")
     store = f"shm://{directory}"
     try:
-        by_mode = {mode: measure(mode, nbytes, store) for mode in MODES}
+        by_mode = {mode: measure(mode, nbytes, store) for mode in ("plain", "proxied")}
+        by_mode["dask"] = measure_dask(nbytes, store)
         left = count_keys(get_store(store))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -154,6 +201,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     worst = float("inf")
     for name, description in WORKLOADS.items():
         plain, proxied = by_mode["plain"][name], by_mode["proxied"][name]
+        dask = by_mode["dask"][name]
         speedup = plain[0] / proxied[0]
         worst = min(worst, speedup)
         rows.append(
@@ -162,6 +210,8 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
                 f"{plain[0]:.2f}",
                 f"{proxied[0]:.2f}",
                 f"{speedup:.1f}x",
+                f"{dask[0]:.2f}",
+                f"{proxied[0] / dask[0]:.2f}",
                 f"{plain[1] / 2**20:+.0f}",
                 f"{proxied[1] / 2**20:+.0f}",
             ]
@@ -171,6 +221,8 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
         "plain HTEX (s)",
         "proxied (s)",
         "speed-up",
+        "Dask plugin (s)",
+        "proxied / Dask",
         "interchange plain (MiB)",
         "interchange proxied (MiB)",
     ]
@@ -179,6 +231,11 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     print(
         f"goal: >= 5x faster than plain HTEX on a-c: worst {worst:.1f}x "
         f"[{'met' if worst >= 5 else 'NOT met'}]"
+    )
+    ratio = by_mode["proxied"]["b"][0] / by_mode["dask"]["b"][0]
+    print(
+        f"goal: proxied HTEX within 1.5x of the Dask plugin on b: {ratio:.2f}x "
+        f"[{'met' if ratio <= 1.5 else 'NOT met'}]"
     )
     if plot:
         _plot(by_mode, nbytes, plot)
@@ -192,9 +249,9 @@ def _plot(by_mode: dict[str, dict[str, tuple[float, int]]], nbytes: int, path: s
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(WORKLOADS)
-    width = 0.38
+    width = 0.27
     for i, mode in enumerate(MODES):
-        xs = [j + (i - 0.5) * width for j in range(len(names))]
+        xs = [j + (i - 1) * width for j in range(len(names))]
         ax.bar(xs, [by_mode[mode][n][0] for n in names], width, label=mode)
     ax.set_xticks(range(len(names)), names)
     ax.set(ylabel="time (s)", title=f"Parsl HTEX, {nbytes // MB} MB objects")
