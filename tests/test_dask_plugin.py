@@ -47,6 +47,7 @@ from dask_helpers import (
     DaskOnly,
     MiB,
     PausesPickling,
+    Signal,
     SlowFactory,
     Unpicklable,
     array,
@@ -54,7 +55,7 @@ from dask_helpers import (
     dd_concat,
     double,
     filled,
-    filled_after,
+    filled_when,
     fingerprint_first,
     frame,
     identity,
@@ -710,25 +711,29 @@ def test_a_task_that_raises_leaves_nothing(env: Env) -> None:
 
 
 def test_an_argument_that_cannot_be_resolved_fails_its_task_and_leaves_nothing(
-    env: Env,
+    env: Env, tmp_path: Any
 ) -> None:
     x = task_objects.make("bytes", 6)
-    gate = env.client.submit(filled_after, 0.5, 1, 0.0)  # the task waits for it
+    go = Signal(str(tmp_path))
+    gate = env.client.submit(filled_when, go, 1, 0.0)  # the task waits for it
     f = env.client.submit(fingerprint_first, x, gate)
     [key] = _segments(env.store)
     env.store.evict(key)  # as if someone removed it meanwhile
+    go.set()
     with pytest.raises(RESOLVE_ERRORS, match=key.name):
         f.result()
     del f, gate
     env.wait_empty()
 
 
-def test_a_cancelled_task_leaves_nothing(env: Env) -> None:
+def test_a_cancelled_task_leaves_nothing(env: Env, tmp_path: Any) -> None:
     x = task_objects.make("plain-object", 7)
-    gate = env.client.submit(filled_after, 2.0, 1, 0.0)
+    go = Signal(str(tmp_path))
+    gate = env.client.submit(filled_when, go, 1, 0.0)
     f = env.client.submit(fingerprint_first, x, gate)
     assert env.keys() == 1
     env.client.cancel([f, gate])
+    go.set()  # the gate's worker thread is free again
     del f, gate
     env.wait_empty()
 
@@ -789,17 +794,19 @@ def test_counters_are_prometheus_metrics(env: Env) -> None:
 
 
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)
-def test_closing_client_with_futures_outstanding_empties_store(env: Env) -> None:
+def test_closing_client_with_futures_outstanding_empties_store(env: Env, tmp_path: Any) -> None:
     n = 2 * MiB // 8
     x = array(3 * MiB)
+    go = Signal(str(tmp_path))
     futures = [
         env.client.submit(double, x),
         env.client.submit(filled, n, 2.0),
-        env.client.submit(filled_after, 0.5, n, 1.0),  # still running at the close
+        env.client.submit(filled_when, go, n, 1.0),  # still running at the close
     ]
     env.client.gather(futures[:2])  # results are put in the store when they leave a worker
     assert env.keys() >= 3  # the argument and two results
     env.client.close()
+    go.set()
     env.wait_empty()
 
 

@@ -18,7 +18,15 @@ from distributed import Client, LocalCluster
 from proxystore.proxy import Proxy
 from proxystore.store import Store
 
-from dask_helpers import CountingFactory, held_sum, owned_head, owned_ones, poll_for
+from dask_helpers import (
+    CountingFactory,
+    Signal,
+    held_sum,
+    owned_head,
+    owned_ones,
+    poll_for,
+    wait_until,
+)
 from proxy_patterns.ownership import (
     MutableBorrowError,
     OwnedProxy,
@@ -241,7 +249,9 @@ def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> 
 
 
 @pytest.mark.parametrize("store_spec", ["shm"], indirect=True)
-def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any) -> None:
+def test_with_dask_workers(
+    store: Store[Any], store_spec: str, monkeypatch: Any, tmp_path: Any
+) -> None:
     """Borrows taken for tasks on two worker processes count while the tasks run; owned
     results made on workers move to the client; arguments are released when tasks return."""
     monkeypatch.setenv("PROXY_PATTERNS_STORE", store_spec)  # the workers' default store
@@ -250,8 +260,10 @@ def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any)
         Client(cluster) as client,
     ):
         p = owned(np.ones(1000), store)
-        running = [client.submit(held_sum, borrow(p), 1.5, pure=False) for _ in range(2)]
-        assert poll_for(lambda: holders(p) == ["owner", "ref", "ref"], timeout=10)
+        go = Signal(str(tmp_path))
+        running = [client.submit(held_sum, borrow(p), go, pure=False) for _ in range(2)]
+        wait_until(lambda: holders(p) == ["owner", "ref", "ref"], message="both tasks hold p")
+        go.set()
         assert client.gather(running) == [1000.0, 1000.0]
         assert holders(p) == ["owner"]
         release(p)
