@@ -8,7 +8,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 import weakref
 from typing import Any
 
@@ -278,20 +277,34 @@ def test_with_dask_workers(
 
 
 @pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
-def test_lease_renewal_outlives_a_failing_connection(store: Store[Any]) -> None:
+def test_lease_renewal_outlives_a_failing_connection(store: Store[Any], store_spec: str) -> None:
     """One client whose connection fails (closed under the renewer) must not stop the
     renewal of every other lease of the process."""
+    import redis
+
     from proxy_patterns.rendezvous import lease_renewer
+
+    failed = threading.Event()
 
     class BrokenClient:
         def eval(self, *args: Any) -> Any:
+            failed.set()
             raise OSError(9, "Bad file descriptor")
 
     broken = BrokenClient()
     p = owned(np.ones(10), store)
     lease_renewer.add(broken, "broken")
     try:
-        time.sleep(2 * LEASE)  # well past the life of an unrenewed lease
+        assert failed.wait(2 * LEASE), "the renewer never tried the broken client"
+        # A lease taken after that failure, and never renewed, expires; had the failure
+        # stopped the renewer, this process's lease (last renewed before it) expired first.
+        with redis.Redis.from_url(store_spec) as client:
+            client.set("test-unrenewed-lease", 1, px=int(LEASE * 1000))
+            wait_until(
+                lambda: not client.exists("test-unrenewed-lease"),
+                timeout=LEASE + 10,
+                message="the unrenewed lease expires",
+            )
         assert holders(p) == ["owner"]  # this process's lease was renewed all along
     finally:
         lease_renewer.discard(broken, "broken")
