@@ -523,6 +523,11 @@ def test_argument_resubmitted_while_its_previous_use_is_released(env: Env) -> No
     previous = [env.client.submit(total, x, pure=False)]
     assert previous[0].result() == pytest.approx(x.sum())
     previous_key = previous[0].key
+    [x_key] = _segments(env.store)
+    later = [env.client.submit(total, array(2 * MiB, seed=1), pure=False)]
+    wait(later)
+    [later_key] = {*_segments(env.store)} - {x_key}
+    kept: list[bool] = []
 
     def release_previous() -> None:
         previous.clear()
@@ -531,11 +536,15 @@ def test_argument_resubmitted_while_its_previous_use_is_released(env: Env) -> No
             lambda: env.client.run_on_scheduler(_task_state, previous_key) is None,
             message="the scheduler forgets the previous task",
         )
-        # If the plugin wrongly decides that x is unused, the eviction follows within
-        # milliseconds; with a correct plugin this wait just ends.
-        poll_for(lambda: env.keys() == 0, timeout=1)
+        # A task released after it, in the same ordered channel, whose argument nothing else
+        # uses: once that argument is evicted, the plugin has decided about x too.
+        later.clear()
+        gc.collect()
+        wait_until(lambda: not env.store.exists(later_key), message="the later argument goes")
+        kept.append(env.store.exists(x_key))
 
     f = env.client.submit(total, x, PausesPickling(release_previous), pure=False)
+    assert kept == [True], "x was evicted while a graph carrying it was being submitted"
     assert f.result(timeout=30) == pytest.approx(x.sum())
     del f
     env.wait_empty()
@@ -1057,9 +1066,12 @@ def test_lazy_results_are_proxies_that_keep_their_key(env: Env) -> None:
     (computed,) = dask.compute(dask.delayed(filled)(n, 5.0))  # its futures are gone already
     del f
     gc.collect()
-    # compute() released its futures; give the release time to reach the scheduler and an
-    # idle key time to be evicted, then check both keys are still held by the proxies alone.
-    assert not poll_for(lambda: env.keys() != 2, timeout=1.0)
+    # A result released after them, in the same ordered channel, is evicted: by then the
+    # releases above were handled, and both keys must still be held by the proxies alone.
+    later_key = key_of(env.client.submit(filled, n, 7.0, pure=False).result())
+    gc.collect()
+    wait_until(lambda: not env.store.exists(later_key), message="the later result goes")
+    assert env.keys() == 2
     assert float(lazy.sum()) == 3.0 * n and float(computed[0]) == 5.0
     del lazy, computed
     env.wait_empty()
