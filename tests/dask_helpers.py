@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,6 +48,24 @@ def poll_for(predicate: Callable[[], Any], timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class Signal:
+    """A one-shot signal from a test to tasks in any local process: a file that exists once set.
+
+    A task that must still be running when the test does something waits for it, rather than
+    for a duration that a slow machine may outlast.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, f"signal-{uuid.uuid4().hex}")
+
+    def set(self) -> None:
+        with open(self.path, "a"):
+            pass
+
+    def wait(self, timeout: float = 60.0) -> None:
+        wait_until(lambda: os.path.exists(self.path), timeout, message=f"signal {self.path}")
 
 
 def array(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -142,9 +161,9 @@ def filled(n: int, value: float) -> np.ndarray:
     return np.full(n, value)
 
 
-def filled_after(seconds: float, n: int, value: float) -> np.ndarray:
-    """A large result that takes ``seconds`` to compute."""
-    time.sleep(seconds)
+def filled_when(go: Signal, n: int, value: float) -> np.ndarray:
+    """A large result, computed once the test sets ``go`` (until then the task is running)."""
+    go.wait()
     return np.full(n, value)
 
 
@@ -224,9 +243,9 @@ class PausesPickling:
 
 # --- ownership (test_ownership.py) ----------------------------------------------------------
 @owned_task
-def held_sum(x: Any, seconds: float) -> float:
-    """Sum of ``x`` after ``seconds``; the task holds its (borrowed) argument meanwhile."""
-    time.sleep(seconds)
+def held_sum(x: Any, go: Signal) -> float:
+    """Sum of ``x`` once the test sets ``go``; the task holds its (borrowed) argument meanwhile."""
+    go.wait()
     return float(np.sum(x))
 
 

@@ -47,6 +47,7 @@ from dask_helpers import (
     DaskOnly,
     MiB,
     PausesPickling,
+    Signal,
     SlowFactory,
     Unpicklable,
     array,
@@ -54,7 +55,7 @@ from dask_helpers import (
     dd_concat,
     double,
     filled,
-    filled_after,
+    filled_when,
     fingerprint_first,
     frame,
     identity,
@@ -535,6 +536,11 @@ def test_argument_resubmitted_while_its_previous_use_is_released(env: Env) -> No
     previous = [env.client.submit(total, x, pure=False)]
     assert previous[0].result() == pytest.approx(x.sum())
     previous_key = previous[0].key
+    [x_key] = _segments(env.store)
+    later = [env.client.submit(total, array(2 * MiB, seed=1), pure=False)]
+    wait(later)
+    [later_key] = {*_segments(env.store)} - {x_key}
+    kept: list[bool] = []
 
     def release_previous() -> None:
         previous.clear()
@@ -543,11 +549,15 @@ def test_argument_resubmitted_while_its_previous_use_is_released(env: Env) -> No
             lambda: env.client.run_on_scheduler(_task_state, previous_key) is None,
             message="the scheduler forgets the previous task",
         )
-        # If the plugin wrongly decides that x is unused, the eviction follows within
-        # milliseconds; with a correct plugin this wait just ends.
-        poll_for(lambda: env.keys() == 0, timeout=1)
+        # A task released after it, in the same ordered channel, whose argument nothing else
+        # uses: once that argument is evicted, the plugin has decided about x too.
+        later.clear()
+        gc.collect()
+        wait_until(lambda: not env.store.exists(later_key), message="the later argument goes")
+        kept.append(env.store.exists(x_key))
 
     f = env.client.submit(total, x, PausesPickling(release_previous), pure=False)
+    assert kept == [True], "x was evicted while a graph carrying it was being submitted"
     assert f.result(timeout=30) == pytest.approx(x.sum())
     del f
     env.wait_empty()
@@ -723,13 +733,15 @@ def test_a_task_that_raises_leaves_nothing(env: Env) -> None:
 
 
 def test_an_argument_that_cannot_be_resolved_fails_its_task_and_leaves_nothing(
-    env: Env,
+    env: Env, tmp_path: Any
 ) -> None:
     x = task_objects.make("bytes", 6)
-    gate = env.client.submit(filled_after, 0.5, 1, 0.0)  # the task waits for it
+    go = Signal(str(tmp_path))
+    gate = env.client.submit(filled_when, go, 1, 0.0)  # the task waits for it
     f = env.client.submit(fingerprint_first, x, gate)
     [key] = _segments(env.store)
     env.store.evict(key)  # as if someone removed it meanwhile
+    go.set()
     with pytest.raises(RESOLVE_ERRORS, match=key.name):
         f.result()
     del f, gate
@@ -739,12 +751,14 @@ def test_an_argument_that_cannot_be_resolved_fails_its_task_and_leaves_nothing(
     env.client.close()
 
 
-def test_a_cancelled_task_leaves_nothing(env: Env) -> None:
+def test_a_cancelled_task_leaves_nothing(env: Env, tmp_path: Any) -> None:
     x = task_objects.make("plain-object", 7)
-    gate = env.client.submit(filled_after, 2.0, 1, 0.0)
+    go = Signal(str(tmp_path))
+    gate = env.client.submit(filled_when, go, 1, 0.0)
     f = env.client.submit(fingerprint_first, x, gate)
     assert env.keys() == 1
     env.client.cancel([f, gate])
+    go.set()  # the gate's worker thread is free again
     del f, gate
     env.wait_empty()
 
@@ -805,17 +819,19 @@ def test_counters_are_prometheus_metrics(env: Env) -> None:
 
 
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)
-def test_closing_client_with_futures_outstanding_empties_store(env: Env) -> None:
+def test_closing_client_with_futures_outstanding_empties_store(env: Env, tmp_path: Any) -> None:
     n = 2 * MiB // 8
     x = array(3 * MiB)
+    go = Signal(str(tmp_path))
     futures = [
         env.client.submit(double, x),
         env.client.submit(filled, n, 2.0),
-        env.client.submit(filled_after, 0.5, n, 1.0),  # still running at the close
+        env.client.submit(filled_when, go, n, 1.0),  # still running at the close
     ]
     env.client.gather(futures[:2])  # results are put in the store when they leave a worker
     assert env.keys() >= 3  # the argument and two results
     env.client.close()
+    go.set()
     env.wait_empty()
 
 
@@ -1066,9 +1082,12 @@ def test_lazy_results_are_proxies_that_keep_their_key(env: Env) -> None:
     (computed,) = dask.compute(dask.delayed(filled)(n, 5.0))  # its futures are gone already
     del f
     gc.collect()
-    # compute() released its futures; give the release time to reach the scheduler and an
-    # idle key time to be evicted, then check both keys are still held by the proxies alone.
-    assert not poll_for(lambda: env.keys() != 2, timeout=1.0)
+    # A result released after them, in the same ordered channel, is evicted: by then the
+    # releases above were handled, and both keys must still be held by the proxies alone.
+    later_key = key_of(env.client.submit(filled, n, 7.0, pure=False).result())
+    gc.collect()
+    wait_until(lambda: not env.store.exists(later_key), message="the later result goes")
+    assert env.keys() == 2
     assert float(lazy.sum()) == 3.0 * n and float(computed[0]) == 5.0
     del lazy, computed
     env.wait_empty()

@@ -8,7 +8,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 import weakref
 from typing import Any
 
@@ -18,7 +17,15 @@ from distributed import Client, LocalCluster
 from proxystore.proxy import Proxy
 from proxystore.store import Store
 
-from dask_helpers import CountingFactory, held_sum, owned_head, owned_ones, poll_for
+from dask_helpers import (
+    CountingFactory,
+    Signal,
+    held_sum,
+    owned_head,
+    owned_ones,
+    poll_for,
+    wait_until,
+)
 from proxy_patterns.ownership import (
     MutableBorrowError,
     OwnedProxy,
@@ -241,7 +248,9 @@ def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> 
 
 
 @pytest.mark.parametrize("store_spec", ["shm"], indirect=True)
-def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any) -> None:
+def test_with_dask_workers(
+    store: Store[Any], store_spec: str, monkeypatch: Any, tmp_path: Any
+) -> None:
     """Borrows taken for tasks on two worker processes count while the tasks run; owned
     results made on workers move to the client; arguments are released when tasks return."""
     monkeypatch.setenv("PROXY_PATTERNS_STORE", store_spec)  # the workers' default store
@@ -250,8 +259,10 @@ def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any)
         Client(cluster) as client,
     ):
         p = owned(np.ones(1000), store)
-        running = [client.submit(held_sum, borrow(p), 1.5, pure=False) for _ in range(2)]
-        assert poll_for(lambda: holders(p) == ["owner", "ref", "ref"], timeout=10)
+        go = Signal(str(tmp_path))
+        running = [client.submit(held_sum, borrow(p), go, pure=False) for _ in range(2)]
+        wait_until(lambda: holders(p) == ["owner", "ref", "ref"], message="both tasks hold p")
+        go.set()
         assert client.gather(running) == [1000.0, 1000.0]
         assert holders(p) == ["owner"]
         release(p)
@@ -266,20 +277,34 @@ def test_with_dask_workers(store: Store[Any], store_spec: str, monkeypatch: Any)
 
 
 @pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
-def test_lease_renewal_outlives_a_failing_connection(store: Store[Any]) -> None:
+def test_lease_renewal_outlives_a_failing_connection(store: Store[Any], store_spec: str) -> None:
     """One client whose connection fails (closed under the renewer) must not stop the
     renewal of every other lease of the process."""
+    import redis
+
     from proxy_patterns.rendezvous import lease_renewer
+
+    failed = threading.Event()
 
     class BrokenClient:
         def eval(self, *args: Any) -> Any:
+            failed.set()
             raise OSError(9, "Bad file descriptor")
 
     broken = BrokenClient()
     p = owned(np.ones(10), store)
     lease_renewer.add(broken, "broken")
     try:
-        time.sleep(2 * LEASE)  # well past the life of an unrenewed lease
+        assert failed.wait(2 * LEASE), "the renewer never tried the broken client"
+        # A lease taken after that failure, and never renewed, expires; had the failure
+        # stopped the renewer, this process's lease (last renewed before it) expired first.
+        with redis.Redis.from_url(store_spec) as client:
+            client.set("test-unrenewed-lease", 1, px=int(LEASE * 1000))
+            wait_until(
+                lambda: not client.exists("test-unrenewed-lease"),
+                timeout=LEASE + 10,
+                message="the unrenewed lease expires",
+            )
         assert holders(p) == ["owner"]  # this process's lease was renewed all along
     finally:
         lease_renewer.discard(broken, "broken")
