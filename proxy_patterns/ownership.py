@@ -49,6 +49,7 @@ import proxystore.store
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
+from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.proxy import OpaqueProxy, key_of, map_proxies, pickle_by_reference, proxy
 from proxy_patterns.rendezvous import (
     LEASE,
@@ -61,8 +62,6 @@ from proxy_patterns.shm import (
     SharedMemoryConnector,
     SharedMemoryKey,
     holder_tag,
-    process_tag,
-    tag_alive,
 )
 from proxy_patterns.store import LEASE_PREFIX, get_store
 

@@ -23,14 +23,9 @@ from typing import Any, ClassVar, Protocol
 
 from proxystore.store import Store
 
+from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.serialize import Frames
-from proxy_patterns.shm import (
-    KeyExistsError,
-    SharedMemoryConnector,
-    SharedMemoryKey,
-    process_tag,
-    start_time,
-)
+from proxy_patterns.shm import KeyExistsError, SharedMemoryConnector, SharedMemoryKey
 
 LIVENESS_INTERVAL = 0.5
 """Seconds between checks that a key's claimant is still alive."""
@@ -196,10 +191,10 @@ class SharedMemoryRendezvous:
     def _claimant_dead(self, key: SharedMemoryKey) -> bool:
         try:
             with open(self._claim_path(key)) as f:
-                pid, _, start = f.read().partition("-")
+                claimant = f.read()
         except FileNotFoundError:
             return False  # unclaimed: whoever holds the future may still set it
-        return start_time(int(pid)) != start
+        return not tag_alive(claimant)
 
     def wait(self, key: SharedMemoryKey, timeout: float | None) -> bool:
         watcher = DirectoryWatcher.of(self.connector.directory)

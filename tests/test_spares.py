@@ -13,6 +13,7 @@ from proxystore.store import Store
 
 from dask_helpers import wait_until
 from proxy_patterns import shm
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import SPARE_PREFIX, SharedMemoryConnector
 from proxy_patterns.store import connector_from_spec, count_keys, get_store, put, spec_owned_by
@@ -168,7 +169,7 @@ def test_a_forked_child_leaving_by_os_exit_leaves_no_spares(shm_store: Store[Any
     assert len(_spares(directory)) == 1  # the child's spare, its maker gone
     shm_store.evict(put(shm_store, _filled(2.0, 8 * MiB)))  # lists the spares: too large to reuse
     (left,) = _spares(directory)  # the 8 MiB one, made here; the child's is gone
-    assert left.startswith(f"{SPARE_PREFIX}{shm.process_tag()}-")
+    assert left.startswith(f"{SPARE_PREFIX}{process_tag()}-")
 
 
 def test_spares_make_room_before_a_put_fails(
