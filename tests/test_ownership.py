@@ -31,10 +31,10 @@ from proxy_patterns.ownership import (
     owned,
     owned_scope,
     owned_task,
-    ref_table_for,
     release,
 )
 from proxy_patterns.proxy import key_of
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.rendezvous import LEASE
 from proxy_patterns.shm import SharedMemoryConnector
 from proxy_patterns.store import count_keys
