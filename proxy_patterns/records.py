@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import proxystore.store
 from proxystore.store import Store
@@ -41,7 +41,10 @@ from proxy_patterns.rendezvous import (
     lease_renewer,
 )
 from proxy_patterns.shm import REFS_SUFFIX, SharedMemoryConnector, SharedMemoryKey, holder_tag
-from proxy_patterns.store import LEASE_PREFIX
+from proxy_patterns.store import LEASE_PREFIX, RECORD_SUFFIX, redis_client_of
+
+if TYPE_CHECKING:
+    import redis
 
 Kind = Literal["owner", "ref", "mut"]
 """A holder's kind: the owner, a shared borrow or a mutable (exclusive) borrow."""
@@ -272,9 +275,8 @@ class RedisRefTable:
     :data:`~proxy_patterns.rendezvous.LEASE` seconds after the process stops renewing it.
     """
 
-    def __init__(self, connector: Any) -> None:
-        self.connector = connector
-        self.client = connector._redis_client
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self._lease_lock = threading.Lock()
 
     @functools.cached_property
@@ -294,7 +296,7 @@ class RedisRefTable:
     @staticmethod
     def _keys(key: Any) -> tuple[str, str, str]:
         """The record, the object, and a future's claim (see :mod:`~proxy_patterns.futures`)."""
-        return f"{key.redis_key}:refs", key.redis_key, RedisRendezvous.claim_name(key)
+        return f"{key.redis_key}{RECORD_SUFFIX}", key.redis_key, RedisRendezvous.claim_name(key)
 
     def create(self, key: Any) -> str:
         holder = _new_holder("owner", self._tag)
@@ -376,8 +378,8 @@ def ref_table_for(store: Store[Any]) -> RefTable:
         if table is None:
             if isinstance(connector, SharedMemoryConnector):
                 table = SharedMemoryRefTable(connector)
-            elif hasattr(connector, "_redis_client"):
-                table = RedisRefTable(connector)
+            elif (client := redis_client_of(connector)) is not None:
+                table = RedisRefTable(client)
             else:
                 raise TypeError(
                     "ownership needs a shared-memory or Redis store, not "

@@ -19,8 +19,11 @@ each proxy: a worker that receives a proxy of a store it has never seen re-creat
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
-from typing import Any, Protocol, runtime_checkable
+import weakref
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
 import proxystore.store
@@ -32,11 +35,20 @@ from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
 from proxy_patterns.sizes import parse_bytes
 
+if TYPE_CHECKING:
+    import redis
+
 STORE_ENV = "PROXY_PATTERNS_STORE"
-LEASE_PREFIX = "proxy-patterns:lease:"
-"""Redis keys of process leases (see :mod:`proxy_patterns.ownership`): they say which
-processes are alive, they are not objects, and :func:`count_keys` does not count them."""
 DEFAULT_SPEC = "shm"
+
+# What proxy-patterns keeps in Redis beside an object's own key (``<key>``):
+LEASE_PREFIX = "proxy-patterns:lease:"
+"""Process leases (see :mod:`proxy_patterns.records`): they say which processes are alive,
+they are not objects, and :func:`count_keys` does not count them."""
+RECORD_SUFFIX = ":refs"
+"""``<key>:refs``, an object's reference record (see :mod:`proxy_patterns.records`)."""
+CLAIM_SUFFIX = ":claim"
+"""``<key>:claim``, the claim on a proxy future's key (see :mod:`proxy_patterns.rendezvous`)."""
 
 
 @runtime_checkable
@@ -128,6 +140,36 @@ def put(store: Store[Any], obj: Any, frames: Frames | None = None) -> Any:
     return store.put(frames, serializer=Frames.join)
 
 
+def redis_client_of(connector: Connector[Any]) -> redis.Redis | None:
+    """A client of the Redis server ``connector`` keeps its objects in, if it is ProxyStore's
+    ``RedisConnector``; None for any other connector.
+
+    The one way to recognise a Redis-backed store: proxy-patterns keeps its records, claims
+    and leases beside the objects, in the same Redis. The client is built from the connector's
+    public config (ProxyStore's own client is private) once per connector, and kept for as long
+    as the connector lives: by the connector object, not its ``id``, which another connector
+    may reuse once this one is freed.
+    """
+    # Looked up, not imported: without the module (and `redis`, an optional extra) loaded,
+    # no RedisConnector exists in this process.
+    module = sys.modules.get("proxystore.connectors.redis")
+    if module is None or not isinstance(connector, module.RedisConnector):
+        return None
+    with _redis_clients_lock:
+        client = _redis_clients.get(connector)
+        if client is None:
+            import redis
+
+            config = connector.config()
+            client = redis.Redis(host=config["hostname"], port=config["port"])
+            _redis_clients[connector] = client
+        return client
+
+
+_redis_clients: weakref.WeakKeyDictionary[Any, redis.Redis] = weakref.WeakKeyDictionary()
+_redis_clients_lock = threading.Lock()
+
+
 def count_keys(store: Store[Any]) -> int:
     """Number of objects currently in ``store``'s backend (all processes' objects)."""
     connector = store.connector
@@ -137,7 +179,7 @@ def count_keys(store: Store[Any]) -> int:
 
     if isinstance(connector, FileConnector):
         return len(os.listdir(connector.store_dir)) if os.path.isdir(connector.store_dir) else 0
-    redis_client = getattr(connector, "_redis_client", None)  # RedisConnector's client
+    redis_client = redis_client_of(connector)
     if redis_client is not None:
         return sum(
             not key.startswith(LEASE_PREFIX.encode()) for key in redis_client.scan_iter(count=1000)

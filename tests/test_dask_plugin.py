@@ -76,7 +76,7 @@ from proxy_patterns.plugins.dask import (
 )
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, SharedMemoryKey
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_keys, get_store, redis_client_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,7 +107,7 @@ def _purge(store: Store[Any]) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
     else:
-        connector._redis_client.flushdb()  # type: ignore[attr-defined]
+        redis_client_of(connector).flushdb()  # type: ignore[union-attr]
 
 
 def _objects(store: Store[Any]) -> int:  # TEMPORARY until store.count_objects lands
