@@ -122,6 +122,16 @@ def holder_tag(holder: str) -> str:
     return holder.split(".")[1] if holder.count(".") == 2 else ""
 
 
+def is_segment(name: str) -> bool:
+    """Whether the entry ``name`` of a store directory is a segment, that is an object.
+
+    Every other entry has a ``.`` in its name, which segment names never hold (process tags
+    hold none): temporary files (``.tmp``), reference records (``.refs``), proxy futures'
+    claims (``.claim``, :mod:`proxy_patterns.rendezvous`) and spares (``proxy-patterns.``).
+    """
+    return name.startswith(SEGMENT_PREFIX) and "." not in name
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)

@@ -19,7 +19,7 @@ from proxystore.store import Store
 
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.rendezvous import ProducerLostError
-from proxy_patterns.store import count_keys
+from proxy_patterns.store import count_entries
 
 
 class MissionAborted(Exception):
@@ -206,10 +206,10 @@ def test_the_value_lives_while_the_future_or_a_local_proxy_does(store: Store[Any
     del fut
     gc.collect()
     assert float(np.sum(p)) == 10.0  # the proxy keeps its future
-    assert count_keys(store) > 0
+    assert count_entries(store) > 0
     del p
     gc.collect()
-    assert count_keys(store) == 0  # nothing can read it any more: evicted with its claim
+    assert count_entries(store) == 0  # nothing can read it any more: evicted with its claim
 
 
 def test_setting_a_released_future_is_an_error(shm_store: Store[Any]) -> None:
@@ -219,7 +219,7 @@ def test_setting_a_released_future_is_an_error(shm_store: Store[Any]) -> None:
     gc.collect()
     with pytest.raises(InvalidStateError, match="was released"):
         producer_copy.set_result(1)
-    assert count_keys(shm_store) == 0
+    assert count_entries(shm_store) == 0
 
 
 def test_with_the_dask_plugin_a_graph_holds_the_future(
@@ -245,12 +245,12 @@ def test_with_the_dask_plugin_a_graph_holds_the_future(
         gc.collect()
         assert consumer.result(timeout=30) == 2_000_000.0
         producer.result(timeout=30)
-        assert count_keys(shm_store) > 0  # the futures still hold the tasks, and so the key
+        assert count_entries(shm_store) > 0  # the futures still hold the tasks, and so the key
         del consumer, producer
         deadline = time.monotonic() + 10
-        while count_keys(shm_store) and time.monotonic() < deadline:
+        while count_entries(shm_store) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert count_keys(shm_store) == 0
+        assert count_entries(shm_store) == 0
 
 
 # --- with Globus Compute -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from proxy_patterns import shm
 from proxy_patterns.liveness import process_tag
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import SPARE_PREFIX, SharedMemoryConnector
-from proxy_patterns.store import connector_from_spec, count_keys, get_store, put, spec_owned_by
+from proxy_patterns.store import connector_from_spec, count_entries, get_store, put, spec_owned_by
 
 MiB = 2**20
 
@@ -38,7 +38,7 @@ def test_an_evicted_segment_is_reused_by_a_put_of_its_size(shm_store: Store[Any]
     key = put(shm_store, _filled(1.0))
     inode = _inode(shm_store, key)
     shm_store.evict(key)
-    assert count_keys(shm_store) == 0 and len(_spares(directory)) == 1  # a spare is no key
+    assert count_entries(shm_store) == 0 and len(_spares(directory)) == 1  # a spare is no key
     key = put(shm_store, _filled(2.0, 2 * MiB - 4096))  # a little smaller fits too
     assert _inode(shm_store, key) == inode and _spares(directory) == []
     assert (shm_store.get(key) == 2.0).all() and shm_store.get(key).nbytes == 2 * MiB - 4096
@@ -139,7 +139,7 @@ def test_readers_racing_evictions_and_reuse_never_see_another_object(shm_dir: st
     assert reader.exitcode == 0
     assert bad.value == 0
     assert maps >= 100 and len(inodes) < 200  # objects were mapped, and pages reused
-    assert count_keys(get_store(f"shm://{shm_dir}")) == 0
+    assert count_entries(get_store(f"shm://{shm_dir}")) == 0
 
 
 def test_unused_spares_are_removed(shm_store: Store[Any], monkeypatch: pytest.MonkeyPatch) -> None:

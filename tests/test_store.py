@@ -23,6 +23,8 @@ from proxystore.store import Store
 
 from conftest import assert_empty_and_close
 from proxy_patterns import shm
+from proxy_patterns.futures import ProxyFuture
+from proxy_patterns.ownership import owned, release
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import (
     SEGMENT_PREFIX,
@@ -32,7 +34,8 @@ from proxy_patterns.shm import (
 )
 from proxy_patterns.store import (
     connector_from_spec,
-    count_keys,
+    count_entries,
+    count_objects,
     get_store,
     put,
     redis_client_of,
@@ -257,7 +260,7 @@ def test_default_spec_is_shared_memory_and_env_selects_another(
     assert isinstance(get_store().connector, SharedMemoryConnector)
     monkeypatch.setenv("PROXY_PATTERNS_STORE", f"file://{tmp_path}")
     assert type(get_store().connector).__name__ == "FileConnector"
-    assert count_keys(get_store()) == 0
+    assert count_entries(get_store()) == 0
 
 
 @pytest.mark.parametrize("spec", ["nope", "redis://", "ftp://x", "file://"])
@@ -304,9 +307,31 @@ def test_recognising_stores_imports_no_redis() -> None:
     """``redis`` is an optional extra: a shared-memory user never imports it."""
     code = (
         "import sys\n"
-        "from proxy_patterns.store import count_keys, get_store, redis_client_of\n"
+        "from proxy_patterns.store import count_entries, get_store, redis_client_of\n"
         "store = get_store('shm')\n"
-        "assert redis_client_of(store.connector) is None and count_keys(store) >= 0\n"
+        "assert redis_client_of(store.connector) is None and count_entries(store) >= 0\n"
         "assert 'redis' not in sys.modules, 'redis imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_objects_are_counted_apart_from_records_claims_and_markers(
+    store: Store[Any], store_spec: str
+) -> None:
+    """count_entries sees everything a leak would leave; count_objects only values put."""
+    file = store_spec.startswith("file://")
+    key = put(store, np.arange(10))
+    assert count_objects(store) == 1
+    assert count_entries(store) == (2 if file else 1)  # a file and its "ready" marker
+    store.evict(key)
+    if file:  # no records or claims: ownership and futures need shared memory or Redis
+        return
+    future: ProxyFuture[int] = ProxyFuture(store)
+    assert (count_objects(store), count_entries(store)) == (0, 2)  # its claim, its record
+    p = owned(np.arange(10), store)
+    assert (count_objects(store), count_entries(store)) == (1, 4)  # + an object, its record
+    future.set_result(1)
+    assert count_objects(store) == 2
+    future.evict()
+    release(p)
+    assert (count_objects(store), count_entries(store)) == (0, 0)
