@@ -53,11 +53,11 @@ with requires_extra("parsl", __name__):
     from parsl.serialize.errors import SerializationError
 
 from proxy_patterns.arguments import ArgumentProxies
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.ownership import ReferenceInvalidError
 from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy
 from proxy_patterns.proxy import key_of, materialize, put_large_parts
 from proxy_patterns.serialize import Frames
-from proxy_patterns.shm import process_tag
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
 E = TypeVar("E", bound=ParslExecutor)

@@ -7,12 +7,13 @@ any ProxyStore connector). The framework integrations live in :mod:`proxy_patter
 
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
-from proxy_patterns.store import count_keys, get_store, put
+from proxy_patterns.store import count_entries, count_objects, get_store, put
 
 __all__ = [
     "OpaqueProxy",
     "ProxyPolicy",
-    "count_keys",
+    "count_entries",
+    "count_objects",
     "get_store",
     "is_proxy",
     "key_of",

@@ -18,8 +18,8 @@ from typing import Any
 from proxystore.proxy import Proxy
 from proxystore.store import Store
 
-from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.proxy import TransitProxy, key_of, proxy
+from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.serialize import Frames
 
 _SWEEP_AFTER = 64

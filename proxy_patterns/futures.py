@@ -28,8 +28,8 @@ import proxystore.store
 from proxystore.store import Store
 from proxystore.store.config import StoreConfig
 
-from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.proxy import OpaqueProxy, held
+from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.rendezvous import ProducerLostError, Rendezvous, rendezvous_for
 from proxy_patterns.serialize import deserialize, dumps
 from proxy_patterns.store import get_store

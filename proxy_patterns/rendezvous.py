@@ -19,18 +19,17 @@ import os
 import select
 import threading
 import time
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from proxystore.store import Store
 
+from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.serialize import Frames
-from proxy_patterns.shm import (
-    KeyExistsError,
-    SharedMemoryConnector,
-    SharedMemoryKey,
-    process_tag,
-    start_time,
-)
+from proxy_patterns.shm import KeyExistsError, SharedMemoryConnector, SharedMemoryKey
+from proxy_patterns.store import CLAIM_SUFFIX, redis_client_of
+
+if TYPE_CHECKING:
+    import redis
 
 LIVENESS_INTERVAL = 0.5
 """Seconds between checks that a key's claimant is still alive."""
@@ -77,8 +76,9 @@ def rendezvous_for(store: Store[Any]) -> Rendezvous:
     connector = store.connector
     if isinstance(connector, SharedMemoryConnector):
         return SharedMemoryRendezvous(connector)
-    if type(connector).__name__ == "RedisConnector":
-        return RedisRendezvous(connector)
+    client = redis_client_of(connector)
+    if client is not None:
+        return RedisRendezvous(connector, client)
     raise TypeError(
         f"proxy futures need a shared-memory or Redis store, not {type(connector).__name__}"
     )
@@ -196,10 +196,10 @@ class SharedMemoryRendezvous:
     def _claimant_dead(self, key: SharedMemoryKey) -> bool:
         try:
             with open(self._claim_path(key)) as f:
-                pid, _, start = f.read().partition("-")
+                claimant = f.read()
         except FileNotFoundError:
             return False  # unclaimed: whoever holds the future may still set it
-        return start_time(int(pid)) != start
+        return not tag_alive(claimant)
 
     def wait(self, key: SharedMemoryKey, timeout: float | None) -> bool:
         watcher = DirectoryWatcher.of(self.connector.directory)
@@ -263,9 +263,9 @@ lease_renewer = _LeaseRenewer()
 class RedisRendezvous:
     """Rendezvous on ProxyStore's Redis connector: pub/sub waits, leased claims."""
 
-    def __init__(self, connector: Any) -> None:
+    def __init__(self, connector: Any, client: redis.Redis) -> None:
         self.connector = connector
-        self.client = connector._redis_client
+        self.client = client
 
     @staticmethod
     def _channel(key: Any) -> str:
@@ -274,7 +274,7 @@ class RedisRendezvous:
     @staticmethod
     def claim_name(key: Any) -> str:
         """The Redis key of ``key``'s claim."""
-        return f"{key.redis_key}:claim"
+        return f"{key.redis_key}{CLAIM_SUFFIX}"
 
     def new_key(self) -> Any:
         return self.connector.new_key()

@@ -11,9 +11,10 @@ Lifetimes follow from the kernel rather than from bookkeeping:
   valid until the last view on it is garbage collected (the ``mmap`` object is kept alive by
   the memoryviews that export it);
 * a process removes the segments it created on ``close()`` and at interpreter exit;
-* segment names carry the creator's pid and start time, so the segments of a killed process
-  are recognised as stale and removed by :func:`remove_stale_segments` (run by
-  ``proxy-patterns clean`` and whenever a connector starts).
+* segment names carry the creator's process tag (pid and start time, see
+  :mod:`proxy_patterns.liveness`), so the segments of a killed process are recognised as
+  stale and removed by :func:`remove_stale_segments` (run by ``proxy-patterns clean`` and
+  whenever a connector starts).
 
 Writes go to a temporary name and are renamed into place, so a segment is never seen half
 written and a failed put (for example ``/dev/shm`` full) leaves nothing behind.
@@ -33,6 +34,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import secrets
@@ -45,6 +47,7 @@ from typing import Any, NamedTuple
 
 from proxystore.serialize import BytesLike
 
+from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.serialize import Frames
 
 DEFAULT_DIRECTORY = "/dev/shm"
@@ -71,37 +74,6 @@ class SharedMemoryKey(NamedTuple):
 
     name: str
     nbytes: int
-
-
-def start_time(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if no such process.
-
-    Together with the pid it names a process uniquely even after pids are reused.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # Field 22; the command name (field 2) may contain spaces, so count after its ')'.
-    return stat.rsplit(b")", 1)[1].split()[19].decode()
-
-
-def tag_alive(tag: str) -> bool:
-    """Whether the process a :func:`process_tag` names still exists (pids may be reused)."""
-    pid, _, start = tag.partition("-")
-    return pid.isdigit() and start_time(int(pid)) == start
-
-
-_process_tags: dict[int, str] = {}
-
-
-def process_tag() -> str:
-    """``pid-starttime`` of this process, the prefix that tells whose a segment is."""
-    pid = os.getpid()  # looked up per put: a forked child must not pass as its parent
-    if pid not in _process_tags:
-        _process_tags[pid] = f"{pid}-{start_time(pid)}"
-    return _process_tags[pid]
 
 
 class _CreatedSegments:
@@ -150,6 +122,16 @@ def holder_tag(holder: str) -> str:
     return holder.split(".")[1] if holder.count(".") == 2 else ""
 
 
+def is_segment(name: str) -> bool:
+    """Whether the entry ``name`` of a store directory is a segment, that is an object.
+
+    Every other entry has a ``.`` in its name, which segment names never hold (process tags
+    hold none): temporary files (``.tmp``), reference records (``.refs``), proxy futures'
+    claims (``.claim``, :mod:`proxy_patterns.rendezvous`) and spares (``proxy-patterns.``).
+    """
+    return name.startswith(SEGMENT_PREFIX) and "." not in name
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
@@ -166,28 +148,29 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
     :class:`_Spares`) of processes that no longer exist are removed too; they are no keys and
     are not reported.
     """
+    alive = functools.cache(tag_alive)  # once per process: many segments share a maker
     removed = []
     names = set(os.listdir(directory))
     for name in names:
         if name.startswith(SPARE_PREFIX):
-            if not tag_alive(_spare_maker_and_size(name)[0]):
+            if not alive(_spare_maker_and_size(name)[0]):
                 _unlink(os.path.join(directory, name))
             continue
         if not name.startswith(SEGMENT_PREFIX):
             continue
         if name.endswith(REFS_SUFFIX):  # a record whose segment is gone (or not yet written)
             if name.removesuffix(REFS_SUFFIX) not in names and not any(
-                tag_alive(holder_tag(h)) for h in _listdir(os.path.join(directory, name))
+                alive(holder_tag(h)) for h in _listdir(os.path.join(directory, name))
             ):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
             continue
         refs = os.path.join(directory, name + REFS_SUFFIX)
         if name + REFS_SUFFIX in names:
-            alive = any(tag_alive(holder_tag(h)) for h in _listdir(refs))
+            live = any(alive(holder_tag(h)) for h in _listdir(refs))
         else:
             pid, _, rest = name[len(SEGMENT_PREFIX) :].partition("-")
-            alive = tag_alive(f"{pid}-{rest.partition('-')[0]}")
-        if alive:
+            live = alive(f"{pid}-{rest.partition('-')[0]}")
+        if live:
             continue
         path = os.path.join(directory, name)
         if os.path.isdir(path):  # a record being built when its process died

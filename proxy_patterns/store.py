@@ -19,8 +19,12 @@ each proxy: a worker that receives a proxy of a store it has never seen re-creat
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
-from typing import Any, Protocol, runtime_checkable
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
 import proxystore.store
@@ -29,14 +33,28 @@ from proxystore.store import Store
 
 from proxy_patterns.extras import requires_extra
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
-from proxy_patterns.shm import DEFAULT_DIRECTORY, SEGMENT_PREFIX, SharedMemoryConnector
+from proxy_patterns.shm import (
+    DEFAULT_DIRECTORY,
+    SEGMENT_PREFIX,
+    SharedMemoryConnector,
+    is_segment,
+)
 from proxy_patterns.sizes import parse_bytes
 
+if TYPE_CHECKING:
+    import redis
+
 STORE_ENV = "PROXY_PATTERNS_STORE"
-LEASE_PREFIX = "proxy-patterns:lease:"
-"""Redis keys of process leases (see :mod:`proxy_patterns.ownership`): they say which
-processes are alive, they are not objects, and :func:`count_keys` does not count them."""
 DEFAULT_SPEC = "shm"
+
+# What proxy-patterns keeps in Redis beside an object's own key (``<key>``):
+LEASE_PREFIX = "proxy-patterns:lease:"
+"""Process leases (see :mod:`proxy_patterns.records`): they say which processes are alive and
+expire with them; neither entries nor objects."""
+RECORD_SUFFIX = ":refs"
+"""``<key>:refs``, an object's reference record (see :mod:`proxy_patterns.records`)."""
+CLAIM_SUFFIX = ":claim"
+"""``<key>:claim``, the claim on a proxy future's key (see :mod:`proxy_patterns.rendezvous`)."""
 
 
 @runtime_checkable
@@ -128,27 +146,88 @@ def put(store: Store[Any], obj: Any, frames: Frames | None = None) -> Any:
     return store.put(frames, serializer=Frames.join)
 
 
-def count_keys(store: Store[Any]) -> int:
-    """Number of objects currently in ``store``'s backend (all processes' objects)."""
+def redis_client_of(connector: Connector[Any]) -> redis.Redis | None:
+    """A client of the Redis server ``connector`` keeps its objects in, if it is ProxyStore's
+    ``RedisConnector``; None for any other connector.
+
+    The one way to recognise a Redis-backed store: proxy-patterns keeps its records, claims
+    and leases beside the objects, in the same Redis. The client is built from the connector's
+    public config (ProxyStore's own client is private) once per connector, and kept for as long
+    as the connector lives: by the connector object, not its ``id``, which another connector
+    may reuse once this one is freed.
+    """
+    # Looked up, not imported: without the module (and `redis`, an optional extra) loaded,
+    # no RedisConnector exists in this process.
+    module = sys.modules.get("proxystore.connectors.redis")
+    if module is None or not isinstance(connector, module.RedisConnector):
+        return None
+    with _redis_clients_lock:
+        client = _redis_clients.get(connector)
+        if client is None:
+            import redis
+
+            config = connector.config()
+            client = redis.Redis(host=config["hostname"], port=config["port"])
+            _redis_clients[connector] = client
+        return client
+
+
+_redis_clients: weakref.WeakKeyDictionary[Any, redis.Redis] = weakref.WeakKeyDictionary()
+_redis_clients_lock = threading.Lock()
+
+
+def count_entries(store: Store[Any]) -> int:
+    """Number of entries ``store``'s backend holds, of every process: objects, and also
+    reference records, proxy futures' claims and the temporary files of puts in progress.
+
+    What "nothing leaked" checks: 0 once every proxy, owned object and future is released.
+    Redis process leases are not counted (they expire with their process); on Redis every
+    other key of the database is, proxy-patterns' or not.
+    """
     connector = store.connector
     if isinstance(connector, SharedMemoryConnector):
         return sum(name.startswith(SEGMENT_PREFIX) for name in os.listdir(connector.directory))
+    redis_client = redis_client_of(connector)
+    if redis_client is not None:
+        return sum(1 for _ in _redis_keys(redis_client))
+    return len(_file_entries(connector))
+
+
+def count_objects(store: Store[Any]) -> int:
+    """Number of objects (values that were put) in ``store``'s backend, of every process:
+    the entries :func:`count_entries` counts less reference records, claims, temporary files
+    (and a ``FileConnector``'s markers of complete files)."""
+    connector = store.connector
+    if isinstance(connector, SharedMemoryConnector):
+        return sum(is_segment(name) for name in os.listdir(connector.directory))
+    redis_client = redis_client_of(connector)
+    if redis_client is not None:
+        ends = (RECORD_SUFFIX.encode(), CLAIM_SUFFIX.encode())
+        return sum(not key.endswith(ends) for key in _redis_keys(redis_client))
+    # A FileConnector's object is a file and a marker saying it is complete: count markers.
+    return sum(name.endswith(".ready") for name in _file_entries(connector))
+
+
+def _redis_keys(client: redis.Redis) -> Iterator[bytes]:
+    """The keys of the database but process leases."""
+    lease = LEASE_PREFIX.encode()
+    return (key for key in client.scan_iter(count=1000) if not key.startswith(lease))
+
+
+def _file_entries(connector: Connector[Any]) -> list[str]:
+    """The files of a ProxyStore ``FileConnector``'s directory."""
     from proxystore.connectors.file import FileConnector
 
-    if isinstance(connector, FileConnector):
-        return len(os.listdir(connector.store_dir)) if os.path.isdir(connector.store_dir) else 0
-    redis_client = getattr(connector, "_redis_client", None)  # RedisConnector's client
-    if redis_client is not None:
-        return sum(
-            not key.startswith(LEASE_PREFIX.encode()) for key in redis_client.scan_iter(count=1000)
-        )
-    raise TypeError(f"cannot count the keys of a {type(connector).__name__}")
+    if not isinstance(connector, FileConnector):
+        raise TypeError(f"cannot count the entries of a {type(connector).__name__}")
+    directory = connector.store_dir
+    return os.listdir(directory) if os.path.isdir(directory) else []
 
 
-def keys_left_after_eviction(store: Store[Any], timeout: float = 30) -> int:
-    """Keys in ``store`` once pending evictions are done (they follow the framework
+def entries_left_after_eviction(store: Store[Any], timeout: float = 30) -> int:
+    """:func:`count_entries` once pending evictions are done (they follow the framework
     asynchronously), or after ``timeout`` seconds if some never are."""
     deadline = time.monotonic() + timeout
-    while (left := count_keys(store)) and time.monotonic() < deadline:
+    while (left := count_entries(store)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left

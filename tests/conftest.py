@@ -12,7 +12,7 @@ import pytest
 from proxystore.store import Store, unregister_store
 
 from proxy_patterns.bench.redis_server import local_redis_server
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, get_store, redis_client_of
 
 # Worker processes unpickle the tests' task functions (tests/dask_helpers.py) by module name.
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -36,13 +36,13 @@ def shm_dir() -> Iterator[str]:
 
 def assert_empty_and_close(store: Store[Any]) -> None:
     """The rule every test that puts data follows: nothing is left behind."""
-    left = count_keys(store)
-    client = getattr(store.connector, "_redis_client", None)
+    left = count_entries(store)
+    client = redis_client_of(store.connector)
     if client is not None:
         client.flushdb()  # one failing test must not fail the next ones
     unregister_store(store.name)
     store.close()
-    assert left == 0, f"{left} keys left in {store.name}"
+    assert left == 0, f"{left} entries left in {store.name}"
 
 
 @pytest.fixture(params=["shm", "redis", "file"])

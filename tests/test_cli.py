@@ -31,7 +31,7 @@ def _table_rows(output: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_demo_moves_nothing_through_the_scheduler_and_leaves_no_keys() -> None:
+def test_demo_moves_nothing_through_the_scheduler_and_leaves_no_entries() -> None:
     output = _run("demo", "--size-mb", "8", "--tasks", "3")
     rows = {row[0]: row for row in _table_rows(output)}
     plain, proxied = rows["plain Dask"], rows["Dask + proxy-patterns plugin"]
@@ -76,7 +76,7 @@ def test_bench_parsl_compares_plain_proxied_htex_and_the_dask_plugin() -> None:
     for row in rows:
         assert all(float(row[i]) > 0 for i in (1, 2, 4, 5))  # times, and proxied / Dask
         assert row[7] == "+0", "the interchange saw the bytes of proxied arguments"
-    assert "keys left in the store after DataFlowKernel.cleanup(): 0" in output
+    assert "entries left in the store after DataFlowKernel.cleanup(): 0" in output
     assert "goal: proxied HTEX within 1.5x of the Dask plugin on b:" in output
 
 

@@ -77,7 +77,7 @@ from proxy_patterns.plugins.dask import (
 )
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, SharedMemoryKey
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, count_objects, get_store, redis_client_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,20 +108,7 @@ def _purge(store: Store[Any]) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
     else:
-        connector._redis_client.flushdb()  # type: ignore[attr-defined]
-
-
-def _objects(store: Store[Any]) -> int:  # TEMPORARY until store.count_objects lands
-    connector = store.connector
-    if isinstance(connector, SharedMemoryConnector):
-        return sum(
-            n.startswith(SEGMENT_PREFIX) and not n.endswith((".refs", ".claim", ".tmp"))
-            for n in os.listdir(connector.directory)
-        )
-    return sum(
-        not k.endswith((b":refs", b":claim")) and not k.startswith(b"proxy-patterns:lease")
-        for k in connector._redis_client.scan_iter()  # type: ignore[attr-defined]
-    )
+        redis_client_of(connector).flushdb()  # type: ignore[union-attr]
 
 
 class _Clusters:
@@ -172,7 +159,7 @@ class Env:
     store: Store[Any]
 
     def keys(self) -> int:
-        return _objects(self.store)
+        return count_objects(self.store)
 
     def stats(self) -> dict[str, int]:
         return self.plugin.stats()
@@ -204,17 +191,17 @@ def env(
     client = Client(cluster)
     client.wait_for_workers(N_WORKERS, timeout=30)
     store = get_store(spec)
-    assert count_keys(store) == 0, "the store is not empty before the test"
+    assert count_entries(store) == 0, "the store is not empty before the test"
     plugin = register(client, threshold=THRESHOLD, store=spec)
     yield Env(kind, spec, cluster, client, plugin, store)
 
     gc.collect()
-    emptied = poll_for(lambda: count_keys(store) == 0, timeout=15)
-    left = count_keys(store)
+    emptied = poll_for(lambda: count_entries(store) == 0, timeout=15)
+    left = count_entries(store)
     client.close()
     if not emptied:
         _purge(store)
-        pytest.fail(f"{left} keys left in {spec} after the test")
+        pytest.fail(f"{left} entries left in {spec} after the test")
 
 
 def _segments(store: Store[Any]) -> list[SharedMemoryKey]:
@@ -613,7 +600,7 @@ def test_scheduler_never_reads_argument_bytes(
     with Client(address) as client:
         register(client, threshold=THRESHOLD, store=module_shm_spec)
         plugin_bytes = bytes_read_by_scheduler(client)
-        wait_until(lambda: count_keys(store) == 0, message="store empty")
+        wait_until(lambda: count_entries(store) == 0, message="store empty")
     assert plain_bytes > 100 * 10**6
     assert plugin_bytes < 1 * 10**6
 
@@ -633,7 +620,7 @@ def test_scheduler_memory_stays_flat(measured: tuple[str, Any], module_shm_spec:
     with Client(address) as client:
         register(client, threshold=THRESHOLD, store=module_shm_spec)
         plugin_growth = scheduler_growth(client)
-        wait_until(lambda: count_keys(store) == 0, message="store empty")
+        wait_until(lambda: count_entries(store) == 0, message="store empty")
     with Client(address) as plain, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LARGE_GRAPH)
         plain_growth = scheduler_growth(plain)
@@ -844,9 +831,9 @@ def test_shutting_down_cluster_empties_store(module_shm_spec: str) -> None:
         x = array(3 * MiB)
         futures = [client.submit(double, x), client.submit(filled, n, 1.0)]
         client.gather(futures)
-        assert _objects(store) == 3
+        assert count_objects(store) == 3
     try:
-        wait_until(lambda: count_keys(store) == 0, message="store empty after shutdown")
+        wait_until(lambda: count_entries(store) == 0, message="store empty after shutdown")
     finally:
         client.close()
         _purge(store)

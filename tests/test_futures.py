@@ -20,7 +20,7 @@ from proxystore.store import Store
 from dask_helpers import Signal, wait_until
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.rendezvous import ProducerLostError
-from proxy_patterns.store import count_keys
+from proxy_patterns.store import count_entries
 from waiters import waiting_on, wake_only_on_events
 
 
@@ -213,10 +213,10 @@ def test_the_value_lives_while_the_future_or_a_local_proxy_does(store: Store[Any
     del fut
     gc.collect()
     assert float(np.sum(p)) == 10.0  # the proxy keeps its future
-    assert count_keys(store) > 0
+    assert count_entries(store) > 0
     del p
     gc.collect()
-    assert count_keys(store) == 0  # nothing can read it any more: evicted with its claim
+    assert count_entries(store) == 0  # nothing can read it any more: evicted with its claim
 
 
 def test_setting_a_released_future_is_an_error(shm_store: Store[Any]) -> None:
@@ -226,7 +226,7 @@ def test_setting_a_released_future_is_an_error(shm_store: Store[Any]) -> None:
     gc.collect()
     with pytest.raises(InvalidStateError, match="was released"):
         producer_copy.set_result(1)
-    assert count_keys(shm_store) == 0
+    assert count_entries(shm_store) == 0
 
 
 def test_with_the_dask_plugin_a_graph_holds_the_future(
@@ -254,9 +254,9 @@ def test_with_the_dask_plugin_a_graph_holds_the_future(
         go.set()  # the producer sets the value only now that the client's future is gone
         assert consumer.result(timeout=30) == 2_000_000.0
         producer.result(timeout=30)
-        assert count_keys(shm_store) > 0  # the futures still hold the tasks, and so the key
+        assert count_entries(shm_store) > 0  # the futures still hold the tasks, and so the key
         del consumer, producer
-        wait_until(lambda: count_keys(shm_store) == 0, message="the tasks' release evicts it")
+        wait_until(lambda: count_entries(shm_store) == 0, message="the tasks' release evicts it")
 
 
 # --- with Globus Compute -------------------------------------------------------------------

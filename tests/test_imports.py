@@ -40,9 +40,9 @@ def test_core_module_imports_no_framework(module: str) -> None:
 # --- without the extras ---------------------------------------------------------------------
 
 # What `pip install proxy-patterns` does not install: the frameworks, the Redis client, and
-# what only the extras bring (numpy, pandas, tqdm, psutil). A meta-path finder in front of the
-# others makes them look uninstalled in a subprocess.
-NOT_IN_THE_CORE = (*FRAMEWORKS, "redis", "numpy", "pandas", "tqdm", "psutil")
+# what only the extras bring (numpy, pandas, tqdm). A meta-path finder in front of the others
+# makes them look uninstalled in a subprocess.
+NOT_IN_THE_CORE = (*FRAMEWORKS, "redis", "numpy", "pandas", "tqdm")
 WITHOUT_EXTRAS = f"""
 import sys
 

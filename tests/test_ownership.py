@@ -38,13 +38,13 @@ from proxy_patterns.ownership import (
     owned,
     owned_scope,
     owned_task,
-    ref_table_for,
     release,
 )
 from proxy_patterns.proxy import key_of
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.rendezvous import LEASE
 from proxy_patterns.shm import SharedMemoryConnector
-from proxy_patterns.store import count_keys
+from proxy_patterns.store import count_entries
 
 both_stores = pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True)
 
@@ -68,9 +68,9 @@ def _start_holder(p: Any) -> tuple[Any, Any]:
 def test_owner_release_evicts_and_use_after_release_raises(store: Store[Any]) -> None:
     p = owned(np.arange(10.0), store)
     assert isinstance(p, np.ndarray)  # isinstance answers without resolving
-    assert float(p.sum()) == 45.0 and holders(p) == ["owner"] and count_keys(store) == 2
+    assert float(p.sum()) == 45.0 and holders(p) == ["owner"] and count_entries(store) == 2
     release(p)
-    assert count_keys(store) == 0  # the object and its record
+    assert count_entries(store) == 0  # the object and its record
     with pytest.raises(ReferenceInvalidError, match=r"owner reference to object .* released"):
         p.sum()  # even though this process had resolved it
     with pytest.raises(ReferenceInvalidError, match="released"):
@@ -87,10 +87,10 @@ def test_borrows_keep_the_object_until_the_last_is_released(store: Store[Any]) -
     r3 = borrow(r1)  # a borrow can be borrowed from
     release(r1)
     release(r2)
-    assert float(np.sum(r3)) == 100.0 and count_keys(store) == 2
+    assert float(np.sum(r3)) == 100.0 and count_entries(store) == 2
     del r3  # garbage collection releases too
     gc.collect()
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -109,7 +109,7 @@ def test_mutable_borrow_is_exclusive(store: Store[Any]) -> None:
     release(m)
     release(borrow(p))
     release(p)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -120,7 +120,7 @@ def test_clone_is_independent(store: Store[Any]) -> None:
     release(p)
     assert c == {"a": 1}
     release(c)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -137,9 +137,9 @@ def test_pickling_moves_a_reference_once(store: Store[Any]) -> None:
         pickle.loads(again)  # a move is received once
     del p  # a moved proxy's garbage collection releases nothing
     gc.collect()
-    assert count_keys(store) == 2
+    assert count_entries(store) == 2
     release(received)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -151,12 +151,12 @@ def test_borrows_from_two_processes_at_once_count(store: Store[Any]) -> None:
         assert kind == "RefProxy" and total == 2000.0 and {"owner", "ref"} <= set(seen)
     assert holders(p) == ["owner", "ref", "ref"]  # both children's borrows count here
     release(p)
-    assert count_keys(store) == 2  # still borrowed by the children
+    assert count_entries(store) == 2  # still borrowed by the children
     for proc, conn in children:
         conn.send("done")
         proc.join(30)
     # The children released their borrows when they exited; the last one evicted the object.
-    assert poll_for(lambda: count_keys(store) == 0, timeout=5)
+    assert poll_for(lambda: count_entries(store) == 0, timeout=5)
 
 
 @both_stores
@@ -165,12 +165,12 @@ def test_killed_borrower_does_not_pin_the_object(store: Store[Any]) -> None:
     proc, conn = _start_holder(borrow(p))
     assert conn.recv()[0] == "RefProxy"
     release(p)
-    assert count_keys(store) == 2
+    assert count_entries(store) == 2
     os.kill(proc.pid, signal.SIGKILL)  # never releases its borrow
     proc.join(30)
     # Its lease expires (at once on shared memory, after LEASE seconds on Redis) and this
     # process, which released its own reference while the child held one, evicts it.
-    assert poll_for(lambda: count_keys(store) == 0, timeout=LEASE + 5)
+    assert poll_for(lambda: count_entries(store) == 0, timeout=LEASE + 5)
 
 
 @both_stores
@@ -194,7 +194,7 @@ def test_eight_threads_borrowing_concurrently_lose_no_update(store: Store[Any]) 
         t.join(60)
     assert not errors and holders(p) == ["owner"]
     release(p)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -204,13 +204,13 @@ def test_owned_scope_releases_what_was_not_moved_out(store: Store[Any]) -> None:
         kept = owned(np.ones(10), store)
         scope.keep(kept)
         moved = pickle.dumps(owned(np.ones(10), store))
-        assert count_keys(store) == 6
-    assert count_keys(store) == 4  # `dropped` is gone; `kept` and the moved one stay
+        assert count_entries(store) == 6
+    assert count_entries(store) == 4  # `dropped` is gone; `kept` and the moved one stay
     with pytest.raises(ReferenceInvalidError):
         dropped.sum()
     release(kept)
     release(pickle.loads(moved))
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @owned_task
@@ -228,10 +228,10 @@ def test_owned_task_releases_its_arguments_but_not_its_result(store: Store[Any])
     with pytest.raises(ReferenceInvalidError):
         given.sum()
     assert holders(keep) == ["owner"]  # the borrow was given back
-    assert count_keys(store) == 4  # `keep` and the result
+    assert count_entries(store) == 4  # `keep` and the result
     release(keep)
     release(result)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @both_stores
@@ -244,7 +244,7 @@ def test_a_failed_record_leaves_nothing(store: Store[Any], monkeypatch: Any) -> 
     monkeypatch.setattr(table, "create", broken)
     with pytest.raises(OSError, match="no room"):
         owned(np.ones(10), store)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @pytest.mark.parametrize("store_spec", ["shm"], indirect=True)
@@ -273,7 +273,7 @@ def test_with_dask_workers(
         assert holders(head) == ["owner"]  # the parts were released by owned_head
         release(head)
         del running, parts
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 @pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
@@ -309,7 +309,7 @@ def test_lease_renewal_outlives_a_failing_connection(store: Store[Any], store_sp
     finally:
         lease_renewer.discard(broken, "broken")
     release(p)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0
 
 
 def test_owned_task_leaves_other_proxies_unresolved() -> None:

@@ -18,7 +18,7 @@ from parsl.utils import get_all_checkpoints
 
 from parsl_helpers import HTEX, checkpointed_text
 from proxy_patterns.plugins.parsl import proxied
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, get_store
 
 MiB = 2**20
 
@@ -48,7 +48,7 @@ def test_a_checkpointed_result_is_read_back_by_another_dataflowkernel(tmp_path: 
         finally:
             dfk.cleanup()
             parsl.clear()
-        assert count_keys(get_store(spec)) == 0  # the first run's keys are gone
+        assert count_entries(get_store(spec)) == 0  # the first run's keys are gone
         checkpoints = list(get_all_checkpoints(str(tmp_path / "first")))
         assert checkpoints
         dfk = parsl.load(_config(spec, tmp_path / "second", checkpoints))
@@ -59,6 +59,6 @@ def test_a_checkpointed_result_is_read_back_by_another_dataflowkernel(tmp_path: 
         finally:
             dfk.cleanup()
             parsl.clear()
-        assert count_keys(get_store(spec)) == 0
+        assert count_entries(get_store(spec)) == 0
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -14,7 +14,7 @@ from parsl.providers import LocalProvider
 
 from parsl_helpers import HTEX, double, total
 from proxy_patterns.plugins.parsl import proxied
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, get_store
 
 
 def test_apps_run_and_are_monitored(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_apps_run_and_are_monitored(tmp_path: Path) -> None:
         finally:
             dfk.cleanup()
             parsl.clear()
-        assert count_keys(get_store(spec)) == 0
+        assert count_entries(get_store(spec)) == 0
         with sqlite3.connect(database) as db:
             names = {row[0] for row in db.execute("SELECT task_func_name FROM task")}
         assert {"double", "total"} <= names

@@ -54,7 +54,7 @@ from parsl_helpers import (
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.plugins.parsl import ParslProxyPlugin, proxied
 from proxy_patterns.proxy import is_proxy
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, get_store
 
 MiB = 2**20
 
@@ -115,7 +115,7 @@ def dfk(
     yield kernel
     kernel.cleanup()
     parsl.clear()
-    assert count_keys(get_store(shm_spec)) == 0, "keys left after DataFlowKernel.cleanup()"
+    assert count_entries(get_store(shm_spec)) == 0, "entries left after DataFlowKernel.cleanup()"
 
 
 @pytest.fixture
@@ -123,10 +123,10 @@ def store(dfk: DataFlowKernel, shm_spec: str, kept_records: KeepsRecords) -> Ite
     """The executor's store; every key must be gone once the test's apps are done, whatever
     the test still holds (its AppFutures, results, and the records kept of them)."""
     s = get_store(shm_spec)
-    assert count_keys(s) == 0
+    assert count_entries(s) == 0
     yield s
     assert kept_records.records, "no Parsl record was kept: the test cannot see their effect"
-    assert poll_for(lambda: count_keys(s) == 0, timeout=10), f"{count_keys(s)} keys left"
+    assert poll_for(lambda: count_entries(s) == 0, timeout=10), f"{count_entries(s)} entries left"
 
 
 def _plugin(dfk: DataFlowKernel) -> ParslProxyPlugin:
@@ -217,7 +217,7 @@ def test_results_are_real_objects_evicted_while_their_futures_live(
     assert received_as(f).result() == ("ndarray", False)  # passed on, it arrives as itself
     # The future, the result and Parsl's records of both are all alive: the key goes anyway
     # (on shared memory the result stays a valid mapping).
-    assert poll_for(lambda: count_keys(store) == 0, timeout=10)
+    assert poll_for(lambda: count_entries(store) == 0, timeout=10)
     assert float(result.sum()) == 3.0 * 2 * MiB // 8 and f.done()
 
 
@@ -291,6 +291,6 @@ def test_one_dataframe_to_200_apps_is_not_multiplied(dfk: DataFlowKernel, store:
     interchange = psutil.Process(dfk.executors[HTEX].interchange_proc.pid)  # type: ignore[attr-defined]
     before = interchange.memory_info().rss
     futures = [frame_rows(df) for _ in range(200)]
-    assert count_keys(store) <= 2  # put once
+    assert count_entries(store) <= 2  # put once
     assert {f.result(timeout=300) for f in futures} == {len(df)}
     assert interchange.memory_info().rss - before < 20 * 2**20  # the bytes never went through

@@ -19,7 +19,7 @@ from proxystore.store import Store
 from proxy_patterns import rendezvous
 from proxy_patterns.rendezvous import GRACE, ProducerLostError, rendezvous_for
 from proxy_patterns.serialize import deserialize, dumps
-from proxy_patterns.store import count_keys, get_store
+from proxy_patterns.store import count_entries, get_store
 from waiters import EVENTS_ONLY
 
 pytestmark = [
@@ -133,4 +133,4 @@ def test_forget_removes_the_value_and_the_claim(store: Store[Any]) -> None:
     rv.forget(claimed)
     rv.forget(written)
     assert not rv.exists(written)
-    assert count_keys(store) == 0
+    assert count_entries(store) == 0

@@ -13,9 +13,10 @@ from proxystore.store import Store
 
 from dask_helpers import wait_until
 from proxy_patterns import shm
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import SPARE_PREFIX, SharedMemoryConnector
-from proxy_patterns.store import connector_from_spec, count_keys, get_store, put, spec_owned_by
+from proxy_patterns.store import connector_from_spec, count_entries, get_store, put, spec_owned_by
 
 MiB = 2**20
 
@@ -37,7 +38,7 @@ def test_an_evicted_segment_is_reused_by_a_put_of_its_size(shm_store: Store[Any]
     key = put(shm_store, _filled(1.0))
     inode = _inode(shm_store, key)
     shm_store.evict(key)
-    assert count_keys(shm_store) == 0 and len(_spares(directory)) == 1  # a spare is no key
+    assert count_entries(shm_store) == 0 and len(_spares(directory)) == 1  # a spare is no key
     key = put(shm_store, _filled(2.0, 2 * MiB - 4096))  # a little smaller fits too
     assert _inode(shm_store, key) == inode and _spares(directory) == []
     assert (shm_store.get(key) == 2.0).all() and shm_store.get(key).nbytes == 2 * MiB - 4096
@@ -138,7 +139,7 @@ def test_readers_racing_evictions_and_reuse_never_see_another_object(shm_dir: st
     assert reader.exitcode == 0
     assert bad.value == 0
     assert maps >= 100 and len(inodes) < 200  # objects were mapped, and pages reused
-    assert count_keys(get_store(f"shm://{shm_dir}")) == 0
+    assert count_entries(get_store(f"shm://{shm_dir}")) == 0
 
 
 def test_unused_spares_are_removed(shm_store: Store[Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +169,7 @@ def test_a_forked_child_leaving_by_os_exit_leaves_no_spares(shm_store: Store[Any
     assert len(_spares(directory)) == 1  # the child's spare, its maker gone
     shm_store.evict(put(shm_store, _filled(2.0, 8 * MiB)))  # lists the spares: too large to reuse
     (left,) = _spares(directory)  # the 8 MiB one, made here; the child's is gone
-    assert left.startswith(f"{SPARE_PREFIX}{shm.process_tag()}-")
+    assert left.startswith(f"{SPARE_PREFIX}{process_tag()}-")
 
 
 def test_spares_make_room_before_a_put_fails(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import multiprocessing
 import os
 import pickle
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ from proxystore.store import Store
 
 from conftest import assert_empty_and_close
 from proxy_patterns import shm
+from proxy_patterns.futures import ProxyFuture
+from proxy_patterns.ownership import owned, release
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.shm import (
     SEGMENT_PREFIX,
@@ -28,7 +32,14 @@ from proxy_patterns.shm import (
     SharedMemoryKey,
     StoreCapacityError,
 )
-from proxy_patterns.store import connector_from_spec, count_keys, get_store, put
+from proxy_patterns.store import (
+    connector_from_spec,
+    count_entries,
+    count_objects,
+    get_store,
+    put,
+    redis_client_of,
+)
 
 
 def _segments(directory: str) -> list[str]:
@@ -249,7 +260,7 @@ def test_default_spec_is_shared_memory_and_env_selects_another(
     assert isinstance(get_store().connector, SharedMemoryConnector)
     monkeypatch.setenv("PROXY_PATTERNS_STORE", f"file://{tmp_path}")
     assert type(get_store().connector).__name__ == "FileConnector"
-    assert count_keys(get_store()) == 0
+    assert count_entries(get_store()) == 0
 
 
 @pytest.mark.parametrize("spec", ["nope", "redis://", "ftp://x", "file://"])
@@ -261,3 +272,66 @@ def test_bad_spec_is_named(spec: str) -> None:
 def test_missing_directory_is_named() -> None:
     with pytest.raises(FileNotFoundError, match="/no/such/dir"):
         connector_from_spec("shm:///no/such/dir")
+
+
+def test_redis_client_of_recognises_redis_stores_only(store: Store[Any], store_spec: str) -> None:
+    client = redis_client_of(store.connector)
+    if not store_spec.startswith("redis://"):
+        assert client is None
+        return
+    assert client is not None and redis_client_of(store.connector) is client  # built once
+    key = put(store, np.arange(10))
+    assert client.exists(key.redis_key)  # the connector's own server and database
+    store.evict(key)
+
+
+def test_a_redis_client_lives_as_long_as_its_connector(redis_url: str) -> None:
+    """Kept by connector object, not by ``id`` (a later connector may reuse a freed one's):
+    a freed connector's client goes with it, and another connector gets a client of its own."""
+    from proxystore.connectors.redis import RedisConnector
+
+    host, port = redis_url.removeprefix("redis://").split(":")
+    connector = RedisConnector(host, int(port))
+    client = weakref.ref(redis_client_of(connector))
+    assert client() is not None
+    connector.close()
+    del connector
+    gc.collect()
+    assert client() is None
+    other = RedisConnector(host, int(port) + 1)  # no server there: the client never connects
+    assert redis_client_of(other).connection_pool.connection_kwargs["port"] == int(port) + 1  # type: ignore[union-attr]
+    other.close()
+
+
+def test_recognising_stores_imports_no_redis() -> None:
+    """``redis`` is an optional extra: a shared-memory user never imports it."""
+    code = (
+        "import sys\n"
+        "from proxy_patterns.store import count_entries, get_store, redis_client_of\n"
+        "store = get_store('shm')\n"
+        "assert redis_client_of(store.connector) is None and count_entries(store) >= 0\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_objects_are_counted_apart_from_records_claims_and_markers(
+    store: Store[Any], store_spec: str
+) -> None:
+    """count_entries sees everything a leak would leave; count_objects only values put."""
+    file = store_spec.startswith("file://")
+    key = put(store, np.arange(10))
+    assert count_objects(store) == 1
+    assert count_entries(store) == (2 if file else 1)  # a file and its "ready" marker
+    store.evict(key)
+    if file:  # no records or claims: ownership and futures need shared memory or Redis
+        return
+    future: ProxyFuture[int] = ProxyFuture(store)
+    assert (count_objects(store), count_entries(store)) == (0, 2)  # its claim, its record
+    p = owned(np.arange(10), store)
+    assert (count_objects(store), count_entries(store)) == (1, 4)  # + an object, its record
+    future.set_result(1)
+    assert count_objects(store) == 2
+    future.evict()
+    release(p)
+    assert (count_objects(store), count_entries(store)) == (0, 0)

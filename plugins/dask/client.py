@@ -36,10 +36,10 @@ from proxystore.proxy import Proxy
 
 from proxy_patterns.arguments import ArgumentProxies
 from proxy_patterns.futures import pickled_futures
-from proxy_patterns.ownership import ReferenceInvalidError, ref_table_of
 from proxy_patterns.plugins.dask.protocol import ANNOTATION, PLUGIN_NAME, Hold
 from proxy_patterns.policy import AROUND_ARGUMENTS, AROUND_GATHERED, ProxyPolicy
 from proxy_patterns.proxy import held, key_of, map_proxies, materialize
+from proxy_patterns.records import ReferenceInvalidError, ref_table_of
 from proxy_patterns.serialize import Frames, SizeExceeded, dumps
 from proxy_patterns.store import get_store
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from distributed import Scheduler, SchedulerPlugin
 
-from proxy_patterns.ownership import ReferenceInvalidError, RefTable, ref_table_for, ref_table_of
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.plugins.dask.prometheus import expose
 from proxy_patterns.plugins.dask.protocol import (
     ANNOTATION,
@@ -31,7 +31,7 @@ from proxy_patterns.plugins.dask.protocol import (
     Hold,
     ResultKeys,
 )
-from proxy_patterns.shm import process_tag
+from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for, ref_table_of
 from proxy_patterns.store import get_store
 
 # Who uses a key: a task, as the carrier of the graph that sent the key ("graph") or as the

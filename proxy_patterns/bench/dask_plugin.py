@@ -22,7 +22,8 @@ Each workload runs once untimed (on a fresh machine the first touch of memory is
 slower, for every mode alike; with the plugin, later puts also reuse the pages of segments the
 run before evicted), then ``repeats`` times per mode (5; the median is reported, so that the
 slower runs right after the warm-up and the machine's noise weigh less). After each
-run the store must drain to zero keys; the table shows the keys left.
+run the store must drain to zero entries (:func:`~proxy_patterns.store.count_entries`:
+objects, records, claims); the table shows the entries left.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ WORKLOADS = [
 
 @dataclass
 class Measured:
-    """One mode's results: median seconds and keys left per workload; with the plugin on
+    """One mode's results: median seconds and entries left per workload; with the plugin on
     shared memory, also the median time of one submit of a record and of its floor."""
 
     workloads: dict[str, tuple[float, int]]
@@ -188,7 +189,7 @@ def measure_mode(
     from proxystore.store import Store
 
     from proxy_patterns.plugins.dask import register
-    from proxy_patterns.store import get_store, keys_left_after_eviction
+    from proxy_patterns.store import entries_left_after_eviction, get_store
 
     results: dict[str, tuple[float, int]] = {}
     submit_and_floor = None
@@ -213,14 +214,14 @@ def measure_mode(
             run = runs[workload.name]
             run(inputs[workload.name])  # warm-up: first touch of VM memory
             if store is not None:
-                keys_left_after_eviction(store)
+                entries_left_after_eviction(store)
             times, left = [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
                 out = run(inputs[workload.name])
                 times.append(time.perf_counter() - start)
                 del out
-                left = keys_left_after_eviction(store) if store is not None else 0
+                left = entries_left_after_eviction(store) if store is not None else 0
                 progress.update()
             results[workload.name] = (statistics.median(times), left)
         if store_spec == "shm":
@@ -238,7 +239,7 @@ def _submit_seconds(client: Any, store: Any, records: list[Record], repeats: int
     each after the previous one's keys were evicted (as for the floor, below)."""
     from distributed import wait
 
-    from proxy_patterns.store import keys_left_after_eviction
+    from proxy_patterns.store import entries_left_after_eviction
 
     times = []
     for record in records[:repeats]:
@@ -247,16 +248,16 @@ def _submit_seconds(client: Any, store: Any, records: list[Record], repeats: int
         times.append(time.perf_counter() - start)
         wait(future)
         del future
-        keys_left_after_eviction(store)
+        entries_left_after_eviction(store)
     return statistics.median(times)
 
 
 def _dumps_and_write_seconds(store: Any, records: list[Record], repeats: int) -> float:
     """The floor of a ``submit``: one ``pickle.dumps`` of a record plus one write of its bytes
     into the store (into pages that evicted segments left, as the plugin's puts reuse)."""
-    from proxy_patterns.store import keys_left_after_eviction
+    from proxy_patterns.store import entries_left_after_eviction
 
-    keys_left_after_eviction(store)
+    entries_left_after_eviction(store)
     times = []
     for record in records[:repeats]:
         start = time.perf_counter()
@@ -305,7 +306,7 @@ def _report(measured: dict[str, Measured], quick: bool) -> None:
     plugin_modes = [m for m in measured if m not in ("plain", BY_HAND)]
     header = ["workload", "plain Dask (s)"]
     header += [f"plugin {m} (s)" for m in plugin_modes] + [f"{BY_HAND} (s)"]
-    header += [f"speed-up {m}" for m in plugin_modes] + ["keys left"]
+    header += [f"speed-up {m}" for m in plugin_modes] + ["entries left"]
     rows = []
     for w in WORKLOADS:
         plain = measured["plain"].workloads[w.name][0]
@@ -314,10 +315,10 @@ def _report(measured: dict[str, Measured], quick: bool) -> None:
         row += [f"{measured[m].workloads[w.name][0]:.3f}" for m in plugin_modes]
         row += ["-" if by_hand is None else f"{by_hand[0]:.3f}"]
         row += [f"{plain / measured[m].workloads[w.name][0]:.2f}x" for m in plugin_modes]
-        keys_left = [f"{m}={measured[m].workloads[w.name][1]}" for m in plugin_modes]
+        entries_left = [f"{m}={measured[m].workloads[w.name][1]}" for m in plugin_modes]
         if by_hand is not None:
-            keys_left.append(f"by hand={by_hand[1]}")
-        row.append(", ".join(keys_left))
+            entries_left.append(f"by hand={by_hand[1]}")
+        row.append(", ".join(entries_left))
         rows.append(row)
     if quick:
         print("(--quick: data sizes x0.2, one repeat)")
@@ -342,7 +343,7 @@ def _report(measured: dict[str, Measured], quick: bool) -> None:
     print(f"goal: submit <= 1.2x (pickle.dumps + write): {submit / floor:.2f}x [{verdict}]")
     left = sum(v[1] for m in measured.values() for v in m.workloads.values())
     verdict = "met" if not left else "NOT met"
-    print(f"goal: store empty after each workload: {left} keys left [{verdict}]")
+    print(f"goal: store empty after each workload: {left} entries left [{verdict}]")
 
 
 def _goal(what: str, ratio: float, goal: float) -> None:

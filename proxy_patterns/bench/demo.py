@@ -5,7 +5,8 @@ task reduces all results, and the client fetches one result. The same code runs 
 2-worker cluster: first plain (every argument goes client -> scheduler -> worker), then after
 ``proxy_patterns.plugins.dask.register(client)`` (only proxies travel; workers put their
 results in the store and dependents read it zero-copy). The table shows the time, the bytes the
-scheduler process read, and the keys left in the store once the futures are released.
+scheduler process read, and the entries left in the store once the futures are released
+(:func:`~proxy_patterns.store.count_entries`: objects, records, claims).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from proxy_patterns.bench.report import print_table
-from proxy_patterns.store import get_store, keys_left_after_eviction
+from proxy_patterns.store import entries_left_after_eviction, get_store
 
 
 def transform(x: np.ndarray) -> np.ndarray:
@@ -82,7 +83,7 @@ def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -
                         mode,
                         f"{elapsed:.2f}",
                         f"{read / 1e6:.2f}",
-                        str(keys_left_after_eviction(store)),
+                        str(entries_left_after_eviction(store)),
                     ]
                 )
                 progress.update()
@@ -91,5 +92,5 @@ def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -
         f"\n{tasks} tasks, each given a {size_mb} MB array and returning one; "
         f"store: {store.connector!r}"
     )
-    print_table(["mode", "time (s)", "scheduler read (MB)", "store keys left"], rows)
+    print_table(["mode", "time (s)", "scheduler read (MB)", "store entries left"], rows)
     print(f"speed-up: {speedup:.1f}x")

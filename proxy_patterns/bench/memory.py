@@ -17,7 +17,8 @@ which the client reads; 4 repeats, one after the other. Five modes:
 
 A sampler reads the store's bytes (the segments in a private shared-memory directory) and the
 workers' RSS every 50 ms, and the store also after every change to it, so that no peak is
-missed between two samples. Reported: peak and leftover store bytes and keys, peak RSS, time.
+missed between two samples. Reported: peak and leftover store bytes and objects, peak RSS,
+time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from proxy_patterns.bench.report import print_table
 from proxy_patterns.ownership import owned, owned_task, release
 from proxy_patterns.proxy import key_of, proxy
 from proxy_patterns.rendezvous import DirectoryWatcher
-from proxy_patterns.shm import REFS_SUFFIX, SEGMENT_PREFIX
+from proxy_patterns.shm import REFS_SUFFIX, SEGMENT_PREFIX, is_segment
 from proxy_patterns.store import get_store
 
 MB = 10**6
@@ -158,19 +159,22 @@ def _repeat(client: Any, mode: str, sizes: Sizes, spec: str, r: int) -> float:
 
 @dataclass
 class Trace:
-    """Samples of one mode's run: seconds since start, store bytes, store keys, worker RSS."""
+    """Samples of one mode's run: seconds since start, store bytes, store objects, worker RSS."""
 
     times: list[float] = field(default_factory=list)
     store_bytes: list[int] = field(default_factory=list)
-    store_keys: list[int] = field(default_factory=list)
+    store_objects: list[int] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
 
 
 def _store_usage(directory: str) -> tuple[int, int]:
-    """(bytes, objects) in ``directory``: each segment once, however many names it has (a
-    segment being published is briefly both its temporary and its final name). Reference
-    records are directories, also while they are built under a temporary name: not counted."""
+    """(bytes, objects) in ``directory``. Bytes: of each file once, however many names it has
+    (a segment being published is briefly both its temporary and its final name). Objects:
+    the segments (:func:`~proxy_patterns.shm.is_segment`), not claims or temporary files.
+    Reference records are directories, also while they are built under a temporary name:
+    neither."""
     sizes: dict[int, int] = {}
+    objects = 0
     for name in os.listdir(directory):
         if name.startswith(SEGMENT_PREFIX) and not name.endswith(REFS_SUFFIX):
             try:
@@ -179,7 +183,8 @@ def _store_usage(directory: str) -> tuple[int, int]:
                 continue
             if not S_ISDIR(stat.st_mode):
                 sizes[stat.st_ino] = stat.st_size
-    return sum(sizes.values()), len(sizes)
+                objects += is_segment(name)
+    return sum(sizes.values()), objects
 
 
 class Sampler:
@@ -196,10 +201,10 @@ class Sampler:
         self._start = time.perf_counter()
 
     def _sample(self) -> None:
-        nbytes, keys = _store_usage(self.directory)
+        nbytes, objects = _store_usage(self.directory)
         self.trace.times.append(time.perf_counter() - self._start)
         self.trace.store_bytes.append(nbytes)
-        self.trace.store_keys.append(keys)
+        self.trace.store_objects.append(objects)
         self.trace.rss.append(sum(p.memory_info().rss for p in self.processes))
 
     def _run(self) -> None:
@@ -235,9 +240,9 @@ class Result:
     mode: str
     seconds: float
     peak_bytes: int
-    peak_keys: int
+    peak_objects: int
     left_bytes: int
-    left_keys: int
+    left_objects: int
     peak_rss: int
     trace: Trace
 
@@ -280,7 +285,7 @@ def run_mode(mode: str, sizes: Sizes) -> Result:
                     expected = 2.0 * sum(range(r * sizes.maps, (r + 1) * sizes.maps))
                     assert _repeat(client, mode, sizes, spec, r) == expected
                 seconds = time.perf_counter() - start
-                left_bytes, left_keys = _settled(directory, timeout=10)
+                left_bytes, left_objects = _settled(directory, timeout=10)
             trace = sampler.trace
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -288,9 +293,9 @@ def run_mode(mode: str, sizes: Sizes) -> Result:
         mode,
         seconds,
         max(trace.store_bytes),
-        max(trace.store_keys),
+        max(trace.store_objects),
         left_bytes,
-        left_keys,
+        left_objects,
         max(trace.rss),
         trace,
     )
@@ -316,9 +321,9 @@ def report(results: list[Result], sizes: Sizes) -> bool:
     header = [
         "mode",
         "peak store MB",
-        "peak keys",
+        "peak objects",
         "left MB",
-        "left keys",
+        "left objects",
         "peak worker RSS MB",
         "time s",
     ]
@@ -326,9 +331,9 @@ def report(results: list[Result], sizes: Sizes) -> bool:
         [
             r.mode,
             _mb(r.peak_bytes),
-            str(r.peak_keys),
+            str(r.peak_objects),
             _mb(r.left_bytes),
-            str(r.left_keys),
+            str(r.left_objects),
             _mb(r.peak_rss),
             f"{r.seconds:.2f}",
         ]

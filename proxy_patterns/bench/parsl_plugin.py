@@ -203,7 +203,7 @@ def measure_dask(nbytes: int, store: str) -> dict[str, tuple[float, int]]:
 
 def main(quick: bool = False, plot: str | None = None, redis: str | None = None) -> None:
     """Print plain vs proxied times and the interchange's memory growth per workload."""
-    from proxy_patterns.store import count_keys, get_store
+    from proxy_patterns.store import count_entries, get_store
 
     nbytes = 10 * MB if quick else 100 * MB
     directory = tempfile.mkdtemp(prefix="pp-bench-parsl-", dir="/dev/shm")
@@ -211,7 +211,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     try:
         by_mode = {mode: measure(mode, nbytes, store) for mode in ("plain", "proxied")}
         by_mode["dask"] = measure_dask(nbytes, store)
-        left = count_keys(get_store(store))
+        left = count_entries(get_store(store))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     rows = []
@@ -244,7 +244,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
         "interchange proxied (MiB)",
     ]
     print_table(header, rows)
-    print(f"keys left in the store after DataFlowKernel.cleanup(): {left}")
+    print(f"entries left in the store after DataFlowKernel.cleanup(): {left}")
     print(
         f"goal: >= 5x faster than plain HTEX on a-c: worst {worst:.1f}x "
         f"[{'met' if worst >= 5 else 'NOT met'}]"
