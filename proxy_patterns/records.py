@@ -40,8 +40,14 @@ from proxy_patterns.rendezvous import (
     SharedMemoryRendezvous,
     lease_renewer,
 )
-from proxy_patterns.shm import REFS_SUFFIX, SharedMemoryConnector, SharedMemoryKey, holder_tag
-from proxy_patterns.store import LEASE_PREFIX, RECORD_SUFFIX, redis_client_of
+from proxy_patterns.shm import (
+    REFS_SUFFIX,
+    SharedMemoryConnector,
+    SharedMemoryKey,
+    holder_tag,
+    remove_stale_segments,
+)
+from proxy_patterns.store import CLAIM_SUFFIX, LEASE_PREFIX, RECORD_SUFFIX, redis_client_of
 
 if TYPE_CHECKING:
     import redis
@@ -97,6 +103,11 @@ class RefTable(Protocol):
 
     def holders(self, key: Any) -> list[str]:
         """Names of the live holders (``kind.tag.token``)."""
+        ...
+
+    def sweep(self) -> int:
+        """Evict every object of the store whose holders all died (a process killed while it
+        held keys: nobody is left to drop them); return how many were evicted."""
         ...
 
 
@@ -204,6 +215,9 @@ class SharedMemoryRefTable:
                 return self._evict_if_unheld(key, directory)
         except ReferenceInvalidError:
             return True
+
+    def sweep(self) -> int:
+        return len(remove_stale_segments(self.connector.directory))
 
     def holders(self, key: SharedMemoryKey) -> list[str]:
         try:
@@ -335,6 +349,14 @@ class RedisRefTable:
     def holders(self, key: Any) -> list[str]:
         return [h.decode() for h in self.client.eval(_HOLDERS, 1, self._keys(key)[0])]
 
+    def sweep(self) -> int:
+        evicted = 0
+        for record in self.client.scan_iter(match=f"*{RECORD_SUFFIX}", count=1000):
+            name = record.decode().removesuffix(RECORD_SUFFIX)
+            claim = name + CLAIM_SUFFIX
+            evicted += bool(self.client.eval(_PRUNE_AND_EVICT, 3, record, name, claim))
+        return evicted
+
 
 def _check_borrow(name: str, kind: Kind, live: list[str]) -> None:
     kinds = [holder_kind(h) for h in live]
@@ -380,6 +402,7 @@ def ref_table_for(store: Store[Any]) -> RefTable:
                 table = SharedMemoryRefTable(connector)
             elif (client := redis_client_of(connector)) is not None:
                 table = RedisRefTable(client)
+                table.sweep()  # as shared memory does whenever a connector starts
             else:
                 raise TypeError(
                     "ownership needs a shared-memory or Redis store, not "

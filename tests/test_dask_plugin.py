@@ -42,6 +42,7 @@ from proxystore.store import Store, unregister_store
 from proxystore.store.exceptions import ProxyResolveMissingKeyError
 from task_objects import fingerprint
 
+from conftest import assert_empty_and_close
 from dask_helpers import (
     CountingFactory,
     DaskOnly,
@@ -76,6 +77,7 @@ from proxy_patterns.plugins.dask import (
     unregister,
 )
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.shm import SEGMENT_PREFIX, SharedMemoryConnector, SharedMemoryKey
 from proxy_patterns.store import count_entries, count_objects, get_store, redis_client_of
 
@@ -820,6 +822,38 @@ def test_closing_client_with_futures_outstanding_empties_store(env: Env, tmp_pat
     env.client.close()
     go.set()
     env.wait_empty()
+
+
+@pytest.mark.parametrize("kind", ["shm", "redis"])
+def test_keys_held_by_a_killed_scheduler_are_freed(
+    request: pytest.FixtureRequest, kind: str, shm_dir: str
+) -> None:
+    """The scheduler holds keys as one holder in their records, leased by its process: killed,
+    it cannot drop them, and the next sweep of the store (run by every process that starts
+    on it, and by ``proxy-patterns clean``) evicts them once the lease is gone."""
+    spec = f"shm://{shm_dir}" if kind == "shm" else str(request.getfixturevalue("redis_url"))
+    store = get_store(spec)
+    table = ref_table_for(store)
+    try:
+        with measured_cluster() as (address, _), Client(address) as client:
+            register(client, threshold=THRESHOLD, store=spec)
+            x = array(3 * MiB)
+            f = client.submit(double, x)
+            np.testing.assert_array_equal(f.result(), x * 2)
+            wait_until(lambda: count_objects(store) == 2)  # held: the scheduler took them
+            scheduler = psutil.Process(client.run_on_scheduler(os.getpid))
+            scheduler.kill()
+            scheduler.wait(30)
+            assert count_objects(store) == 2  # nobody left to drop them
+
+            def swept() -> bool:
+                table.sweep()
+                return count_entries(store) == 0
+
+            wait_until(swept, timeout=30, message="the sweep evicts the dead scheduler's keys")
+            del f
+    finally:
+        assert_empty_and_close(store)
 
 
 def test_shutting_down_cluster_empties_store(module_shm_spec: str) -> None:
