@@ -11,6 +11,16 @@ from proxy_patterns.shm import DEFAULT_DIRECTORY, remove_stale_segments
 
 
 def _clean(args: argparse.Namespace) -> int:
+    if args.store is not None:  # any store with reference records: shared memory or Redis
+        from proxy_patterns.records import ref_table_for
+        from proxy_patterns.store import count_entries, get_store
+
+        with requires_extra("redis", "proxy-patterns clean --store"):
+            store = get_store(args.store)
+            before = count_entries(store)
+            ref_table_for(store).sweep()  # (a Redis table sweeps when it is made, too)
+        print(f"{args.store}: {before} entries before the sweep, {count_entries(store)} after")
+        return 0
     removed = remove_stale_segments(args.directory)
     for name in removed:
         print(f"removed {name}")
@@ -65,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_bench)
 
-    clean = commands.add_parser("clean", help="remove segments left by killed processes")
+    clean = commands.add_parser("clean", help="remove what killed processes left behind")
     clean.add_argument("--directory", default=DEFAULT_DIRECTORY, help="tmpfs directory")
+    clean.add_argument(
+        "--store",
+        metavar="SPEC",
+        help="a store spec (redis://host:port, shm:///dir): evict the objects whose holders "
+        "all died, instead of cleaning --directory",
+    )
     clean.set_defaults(run=_clean)
     return parser
 

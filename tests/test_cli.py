@@ -92,3 +92,29 @@ def test_help_lists_the_commands(entry: list[str]) -> None:
     output = subprocess.run([*entry, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("demo", "bench", "clean"):
         assert command in output
+
+
+def test_clean_store_evicts_what_dead_processes_held(redis_url: str) -> None:
+    from conftest import assert_empty_and_close
+    from dask_helpers import wait_until
+    from proxy_patterns.store import LEASE_PREFIX, count_objects, get_store, redis_client_of
+
+    dies_holding = (
+        "import os, sys\n"
+        "from proxy_patterns.ownership import owned\n"
+        "from proxy_patterns.store import get_store\n"
+        "p = owned(b'x' * 100, get_store(sys.argv[1]))\n"
+        "os._exit(0)  # no release, no atexit: its holder is left in the record\n"
+    )
+    subprocess.run([sys.executable, "-c", dies_holding, redis_url], check=True)
+    store = get_store(redis_url)
+    client = redis_client_of(store.connector)
+    assert client is not None and count_objects(store) == 1
+    wait_until(
+        lambda: not list(client.scan_iter(match=LEASE_PREFIX + "*")),
+        timeout=30,
+        message="the dead process's lease expires",
+    )
+    output = _run("clean", "--store", redis_url)
+    assert f"{redis_url}: 2 entries before the sweep, 0 after" in output  # object and record
+    assert_empty_and_close(store)
