@@ -41,7 +41,7 @@ def test_plugins_install_as_a_subpackage(tmp_path: Path, editable: bool) -> None
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], check=True)
     code = (
-        "import importlib.util, sys, proxystore.store\n"
+        "import importlib.util, sys, proxystore.store, psutil\n"
         # An editable install's finder comes after sys.path, so a regular install of the
         # package in the outer environment would shadow it: hide the outer site-packages
         # once the dependencies (which stay importable) are loaded.
@@ -114,7 +114,7 @@ def _requirements(extra: str | None) -> set[str]:
 
 
 def test_the_core_requires_no_framework() -> None:
-    assert _requirements(None) == {"proxystore", "cloudpickle", "xxhash"}
+    assert _requirements(None) == {"proxystore", "cloudpickle", "xxhash", "psutil"}
 
 
 @pytest.mark.parametrize("extra", sorted(FRAMEWORKS))
