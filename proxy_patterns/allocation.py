@@ -9,6 +9,15 @@ and returns a numpy array on the bytes that follow. The producer writes its valu
 Publishing links the segment's file under a key, as a put does after its copy: readers map it
 exactly like a put's segment, and its bytes are those a put of the filled array writes.
 
+The pages are mapped when the array is allocated: a producer that allocates its output before
+computing it writes at memory speed when its value is due, and publishing is a link, so its
+consumers wake up about as soon as the value is written. In total, an allocation takes a
+spare's pages when one fits (see :mod:`proxy_patterns.shm`), as a repeated workload's puts do,
+and then allocating, filling and publishing costs less than building the array and putting it
+(10 MB here: 2.0 ms against 2.3 ms). Fresh ``/dev/shm`` pages cost more mapped than written by
+a put (7.5 ms against 4.4 ms for 10 MB): the kernel clears each 4 KiB page as it maps it, while
+a put's whole-page writes skip that.
+
 What is published, and how (``ProxyFuture.set_result``, :func:`proxy_patterns.proxy.proxy`
 and :func:`proxy_patterns.store.put` follow these rules):
 
@@ -193,19 +202,20 @@ def allocate(connector: SharedMemoryConnector, shape: Any, dtype: Any) -> np.nda
         )
     stream = frames.frames[0]
     prefix = frames.header + bytes(stream) + bytes(-stream.nbytes % ALIGNMENT)
-    path, fd = connector.create_unpublished(frames.nbytes)
+    segment = connector.create_unpublished(frames.nbytes)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        # Populating maps every page now, at a fraction of the cost of faulting them in one
-        # by one as the producer writes.
-        memory = Allocation(fd, frames.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        fcntl.flock(segment.fd, fcntl.LOCK_SH)
+        # Every page is mapped now, when the producer allocates, not as it writes: its writes
+        # run at memory speed when its value is due (see the module docstring).
+        memory = Allocation(segment.fd, frames.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     except BaseException:
-        _unlink(path)
+        _unlink(segment.path)
         raise
     finally:
-        os.close(fd)
+        os.close(segment.fd)
+    memory._remove_file = weakref.finalize(memory, _remove_unpublished, segment.path, os.getpid())
     memory.directory = connector.directory
-    memory.path = path
+    memory.path = segment.path
     memory.shape = template.shape
     memory.dtype = template.dtype
     memory.offset = len(prefix)
@@ -213,7 +223,6 @@ def allocate(connector: SharedMemoryConnector, shape: Any, dtype: Any) -> np.nda
     memory.prefix = prefix
     memory.state = _PENDING
     memory._lock = threading.Lock()
-    memory._remove_file = weakref.finalize(memory, _remove_unpublished, path, os.getpid())
     memory[: memory.offset] = prefix
     memory[memory.end :] = bytes(frames.nbytes - memory.end)
     array = np.ndarray(template.shape, template.dtype, buffer=memory, offset=memory.offset)

@@ -71,6 +71,14 @@ class KeyExistsError(KeyError):
     """A write-once key was written twice."""
 
 
+class UnpublishedSegment(NamedTuple):
+    """A segment that is no key yet (see :meth:`SharedMemoryConnector.create_unpublished`)."""
+
+    path: str
+    fd: int
+    """Open for reading and writing; the caller closes it."""
+
+
 class SharedMemoryKey(NamedTuple):
     """Key of one segment: its file name inside the connector's directory and its size."""
 
@@ -436,19 +444,19 @@ class SharedMemoryConnector:
             raise
         return fd
 
-    def create_unpublished(self, nbytes: int) -> tuple[str, int]:
-        """A new segment of ``nbytes`` that is no key yet: its file and a read-write descriptor.
+    def create_unpublished(self, nbytes: int) -> UnpublishedSegment:
+        """A new segment of ``nbytes`` that is no key yet, opened for reading and writing.
 
         For a writer that fills a segment in place (:mod:`proxy_patterns.allocation`) and then
         publishes it with :meth:`publish`, or unlinks the file. Its contents are arbitrary (the
         pages may be a spare's). Its name says it is this process's, so it is removed as stale
         if this process is killed; removing it otherwise is the caller's job.
         """
-        tmp = os.path.join(
+        path = os.path.join(
             self.directory,
             f"{SEGMENT_PREFIX}{process_tag()}-{secrets.token_hex(16)}{_TMP_SUFFIX}",
         )
-        return tmp, self._create(tmp, nbytes, os.O_RDWR)
+        return UnpublishedSegment(path, self._create(path, nbytes, os.O_RDWR))
 
     def publish(self, tmp: str, name: str) -> None:
         """Make the file ``tmp`` the segment ``name``, in one step: readers never see it half
