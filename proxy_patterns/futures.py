@@ -4,7 +4,9 @@ A :class:`ProxyFuture` names a store key before its value exists. Its :meth:`~Pr
 can be passed to any task right away; the task starts and blocks only where it touches the
 value. Whoever holds the future (it pickles, so a task can receive it) sets the value once,
 with :meth:`~ProxyFuture.set_result`, or an error with :meth:`~ProxyFuture.set_exception`;
-consumers then get the value zero-copy, or the original exception.
+consumers then get the value zero-copy, or the original exception. A producer can write the
+value in place: :meth:`~ProxyFuture.buffer` is an array in the store that ``set_result``
+publishes without a copy (see :mod:`proxy_patterns.allocation`).
 
 The future owns its key (see :mod:`proxy_patterns.ownership`): the value is evicted once the
 future and the proxies made from it in this process are gone, unless something else holds
@@ -22,17 +24,22 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, InvalidStateError
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import proxystore.store
 from proxystore.store import Store
 from proxystore.store.config import StoreConfig
 
+from proxy_patterns.allocation import Allocation, unpublished_allocation
 from proxy_patterns.proxy import OpaqueProxy, held
 from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.rendezvous import ProducerLostError, Rendezvous, rendezvous_for
 from proxy_patterns.serialize import deserialize, dumps
-from proxy_patterns.store import get_store
+from proxy_patterns.shm import KeyExistsError, SharedMemoryConnector
+from proxy_patterns.store import empty, get_store
+
+if TYPE_CHECKING:
+    import numpy as np
 
 T = TypeVar("T")
 
@@ -116,6 +123,7 @@ class ProxyFuture(Generic[T]):
             rendezvous.new_key(), store.config(), timeout
         )
         self._rendezvous: Rendezvous = rendezvous
+        self._buffers: weakref.WeakSet[Allocation] = weakref.WeakSet()
         self._rendezvous.claim(self.key)
         # The future owns its key: evicted once it (and every local proxy, which holds it) is
         # gone, unless something else holds the key (a Dask graph, with the plugin).
@@ -144,6 +152,7 @@ class ProxyFuture(Generic[T]):
         store = self._factory.store()
         self._rendezvous = rendezvous_for(store)
         self._table = ref_table_for(store)
+        self._buffers = weakref.WeakSet()
         self._release = None
         if not self.done():
             self._rendezvous.claim(self.key)
@@ -159,17 +168,52 @@ class ProxyFuture(Generic[T]):
         object.__setattr__(p, "__proxy_default_hash__", hash(("proxy-future", self.key)))
         return held(p, self)  # in this process it keeps the future, and so its key, alive
 
+    def buffer(self, shape: Any, dtype: Any = float) -> np.ndarray:
+        """A writable array in the store, to be filled in place and given to :meth:`set_result`,
+        which then publishes it as the value without a copy.
+
+        It is :func:`proxy_patterns.store.empty` on the future's store: on shared memory an
+        unpublished segment, removed if never published (at the latest when this future is
+        evicted); on Redis an ordinary array, copied by ``set_result`` as any value is. See
+        :mod:`proxy_patterns.allocation` for the rules.
+        """
+        array = empty(shape, dtype, self._factory.store())
+        if isinstance(array.base, Allocation):
+            self._buffers.add(array.base)
+        return array
+
     def _set(self, outcome: Any) -> None:
         if not self._table.holders(self.key):
             raise InvalidStateError(
                 f"future {self.key} was released: neither the future nor anything holding it "
                 "is left, so nobody can read a value"
             )
-        if not self._rendezvous.set_once(self.key, dumps(outcome)):
+        if not self._set_once(outcome):
             raise InvalidStateError(f"future {self.key} is already set")
 
+    def _set_once(self, outcome: Any) -> bool:
+        """Write the value: an allocation of the store is published as it is, anything else
+        is serialized into the store. False if the value was set already."""
+        connector = self._factory.store().connector
+        allocation = (
+            unpublished_allocation(outcome, connector)
+            if isinstance(connector, SharedMemoryConnector)
+            else None
+        )
+        if allocation is None:
+            return self._rendezvous.set_once(self.key, dumps(outcome))
+        try:  # the link into place wakes waiters, as any write of the key does
+            allocation.publish(connector, self.key)
+        except KeyExistsError:
+            return False
+        return True
+
     def set_result(self, result: T) -> None:
-        """Set the value; a future is set once (InvalidStateError on a second set)."""
+        """Set the value; a future is set once (InvalidStateError on a second set).
+
+        An array from :meth:`buffer` (or :func:`proxy_patterns.store.empty`) is published as
+        it is, without a copy; any other value is copied into the store.
+        """
         self._set(result)
 
     def set_exception(self, exception: BaseException) -> None:
@@ -218,7 +262,12 @@ class ProxyFuture(Generic[T]):
         (a task graph that carries the future, with the Dask plugin), then when that lets go:
         a task that may still read the value never finds it gone. A future received from
         another process holds nothing, so there this does nothing.
+
+        Buffers of this future not published yet are removed at once (their arrays stay
+        valid).
         """
+        for allocation in list(self._buffers):
+            allocation.remove()
         if self._release is not None:
             self._release()
 

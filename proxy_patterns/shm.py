@@ -16,8 +16,10 @@ Lifetimes follow from the kernel rather than from bookkeeping:
   stale and removed by :func:`remove_stale_segments` (run by ``proxy-patterns clean`` and
   whenever a connector starts).
 
-Writes go to a temporary name and are renamed into place, so a segment is never seen half
-written and a failed put (for example ``/dev/shm`` full) leaves nothing behind.
+Writes go to a temporary name and are linked into place, so a segment is never seen half
+written and a failed put (for example ``/dev/shm`` full) leaves nothing behind. A producer may
+also fill such a temporary segment itself, through a mapping, before it is linked
+(:meth:`SharedMemoryConnector.create_unpublished`, :mod:`proxy_patterns.allocation`).
 
 Filling fresh tmpfs pages costs far more than copying into pages that exist (on ``/dev/shm``,
 with 4 KiB pages, about 0.5 ms per MB against 0.2 ms), so evicting a large segment renames
@@ -67,6 +69,14 @@ class StoreCapacityError(MemoryError):
 
 class KeyExistsError(KeyError):
     """A write-once key was written twice."""
+
+
+class UnpublishedSegment(NamedTuple):
+    """A segment that is no key yet (see :meth:`SharedMemoryConnector.create_unpublished`)."""
+
+    path: str
+    fd: int
+    """Open for reading and writing; the caller closes it."""
 
 
 class SharedMemoryKey(NamedTuple):
@@ -390,34 +400,17 @@ class SharedMemoryConnector:
         return f"{type(self).__name__}(directory={self.directory!r}{owner})"
 
     def _write(self, name: str, nbytes: int, chunks: Iterable[BytesLike]) -> SharedMemoryKey:
-        """Write a segment under a temporary name, then publish it as ``name`` atomically.
-
-        Publishing links rather than renames, so it fails if ``name`` exists: every key is
-        written at most once, even by racing processes.
-        """
-        final = os.path.join(self.directory, name)
-        tmp = f"{final}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
-        reused = self._spares.take(nbytes, tmp)
-        if reused:
-            fd = os.open(tmp, os.O_WRONLY)
-        else:
-            if nbytes > _free_bytes(self.directory):
-                self._spares.remove_all()
-                if nbytes > _free_bytes(self.directory):
-                    raise self._capacity_error(nbytes)
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        """Write a segment under a temporary name, then publish it as ``name`` atomically."""
+        tmp = f"{os.path.join(self.directory, name)}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
+        fd = self._create(tmp, nbytes, os.O_WRONLY)
         try:
-            if nbytes and not reused:
-                os.posix_fallocate(fd, 0, nbytes)
             offset = 0
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
                 while view.nbytes:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
-            os.link(tmp, final)
-        except FileExistsError:
-            raise KeyExistsError(f"key {name!r} is already set in {self.directory}") from None
+            self.publish(tmp, name)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise self._capacity_error(nbytes) from e
@@ -426,6 +419,57 @@ class SharedMemoryConnector:
             os.close(fd)
             _unlink(tmp)
         return SharedMemoryKey(name, nbytes)
+
+    def _create(self, tmp: str, nbytes: int, mode: int) -> int:
+        """Open a new file of ``nbytes`` at ``tmp`` (``mode``: ``os.O_WRONLY`` or ``os.O_RDWR``).
+
+        Its pages are a spare's when one fits, else freshly allocated; StoreCapacityError if
+        the directory has no room for them, and then nothing is left behind.
+        """
+        if self._spares.take(nbytes, tmp):
+            return os.open(tmp, mode)
+        if nbytes > _free_bytes(self.directory):
+            self._spares.remove_all()
+            if nbytes > _free_bytes(self.directory):
+                raise self._capacity_error(nbytes)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | mode, 0o600)
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+        except BaseException as e:
+            os.close(fd)
+            _unlink(tmp)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise self._capacity_error(nbytes) from e
+            raise
+        return fd
+
+    def create_unpublished(self, nbytes: int) -> UnpublishedSegment:
+        """A new segment of ``nbytes`` that is no key yet, opened for reading and writing.
+
+        For a writer that fills a segment in place (:mod:`proxy_patterns.allocation`) and then
+        publishes it with :meth:`publish`, or unlinks the file. Its contents are arbitrary (the
+        pages may be a spare's). Its name says it is this process's, so it is removed as stale
+        if this process is killed; removing it otherwise is the caller's job.
+        """
+        path = os.path.join(
+            self.directory,
+            f"{SEGMENT_PREFIX}{process_tag()}-{secrets.token_hex(16)}{_TMP_SUFFIX}",
+        )
+        return UnpublishedSegment(path, self._create(path, nbytes, os.O_RDWR))
+
+    def publish(self, tmp: str, name: str) -> None:
+        """Make the file ``tmp`` the segment ``name``, in one step: readers never see it half
+        written.
+
+        Publishing links rather than renames, so it fails with KeyExistsError if ``name``
+        exists: every key is written at most once, even by racing processes. The caller
+        unlinks ``tmp``.
+        """
+        try:
+            os.link(tmp, os.path.join(self.directory, name))
+        except FileExistsError:
+            raise KeyExistsError(f"key {name!r} is already set in {self.directory}") from None
 
     def _capacity_error(self, nbytes: int) -> StoreCapacityError:
         free = _free_bytes(self.directory)

@@ -31,6 +31,7 @@ import proxystore.store
 from proxystore.connectors.protocols import Connector
 from proxystore.store import Store
 
+from proxy_patterns.allocation import allocate, unpublished_allocation
 from proxy_patterns.extras import requires_extra
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import (
@@ -42,6 +43,7 @@ from proxy_patterns.shm import (
 from proxy_patterns.sizes import parse_bytes
 
 if TYPE_CHECKING:
+    import numpy as np
     import redis
 
 STORE_ENV = "PROXY_PATTERNS_STORE"
@@ -138,12 +140,38 @@ def put(store: Store[Any], obj: Any, frames: Frames | None = None) -> Any:
     """Put ``obj`` in ``store`` and return its key, writing its buffers without joining them
     when the connector can (one copy from the object into the store).
 
-    ``frames``, if given, is ``dumps(obj)`` already made (for example to hash it).
+    ``frames``, if given, is ``dumps(obj)`` already made (for example to hash it). An array
+    from :func:`empty` is published as it is, without a copy (see
+    :mod:`proxy_patterns.allocation`).
     """
+    connector = store.connector
+    if isinstance(connector, SharedMemoryConnector):
+        allocation = unpublished_allocation(obj, connector)
+        if allocation is not None:
+            return allocation.publish(connector, connector.new_key())
     frames = dumps(obj) if frames is None else frames
-    if isinstance(store.connector, FramesConnector):
-        return store.connector.put_frames(frames)
+    if isinstance(connector, FramesConnector):
+        return connector.put_frames(frames)
     return store.put(frames, serializer=Frames.join)
+
+
+def empty(shape: Any, dtype: Any = float, store: Store[Any] | None = None) -> np.ndarray:
+    """A writable array of ``shape`` and ``dtype`` allocated in ``store`` (default:
+    :func:`get_store`), to be filled in place and published without a copy.
+
+    On a shared-memory store its memory is a segment that is no key yet, and ``proxy(store,
+    array)``, ``put`` or a future's ``set_result(array)`` publishes it as it is; an allocation
+    never published is removed. See :mod:`proxy_patterns.allocation` for the rules. Other
+    stores (Redis, files) cannot be written in place: there it is an ordinary
+    :func:`numpy.empty` array, copied when published, so the same code runs on every store.
+    Its contents are arbitrary, as :func:`numpy.empty`'s.
+    """
+    connector = (store or get_store()).connector
+    if isinstance(connector, SharedMemoryConnector):
+        return allocate(connector, shape, dtype)
+    import numpy
+
+    return numpy.empty(shape, dtype)
 
 
 def redis_client_of(connector: Connector[Any]) -> redis.Redis | None:
@@ -178,7 +206,8 @@ _redis_clients_lock = threading.Lock()
 
 def count_entries(store: Store[Any]) -> int:
     """Number of entries ``store``'s backend holds, of every process: objects, and also
-    reference records, proxy futures' claims and the temporary files of puts in progress.
+    reference records, proxy futures' claims, the temporary files of puts in progress and
+    arrays from :func:`empty` not yet published.
 
     What "nothing leaked" checks: 0 once every proxy, owned object and future is released.
     Redis process leases are not counted (they expire with their process); on Redis every

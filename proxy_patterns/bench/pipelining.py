@@ -10,6 +10,10 @@ fraction ``f`` of its work before it needs its input.
 * ``pipelined`` — every task is submitted at once with a proxy of its input's
   :class:`~proxy_patterns.futures.ProxyFuture` and the future of its own output; a task
   starts at once and blocks only where it touches its input.
+* ``pipelined in place`` — the same, each task writing its output into the store in place:
+  it takes a :meth:`~proxy_patterns.futures.ProxyFuture.buffer` when it starts (as a producer
+  that computes into its output does), fills it where ``pipelined`` builds its array, and
+  publishes it without the copy into the store.
 
 Ideal makespan of the pipelined chain: ``f*s + N*(1-f)*s``. A ``LocalCluster`` of 2 worker
 processes runs it, with enough threads that every task of the chain can be running at once.
@@ -52,6 +56,19 @@ def pipelined_stage(
     output.set_result(np.full(nbytes // 8, 1.0))
 
 
+def pipelined_in_place_stage(
+    previous: Any, output: Any, fraction: float, seconds: float, nbytes: int
+) -> None:
+    """:func:`pipelined_stage` writing its output in place in the store."""
+    buffer = output.buffer(nbytes // 8, np.float64)
+    time.sleep(fraction * seconds)
+    if previous is not None:
+        assert float(previous[0]) >= 0
+    time.sleep((1 - fraction) * seconds)
+    buffer.fill(1.0)
+    output.set_result(buffer)
+
+
 def ideal(fraction: float, n: int = N, seconds: float = SECONDS) -> float:
     """Makespan of a perfectly pipelined chain."""
     return fraction * seconds + n * (1 - fraction) * seconds
@@ -68,7 +85,14 @@ def run_sequential(client: Any, n: int, seconds: float, nbytes: int) -> float:
     return time.perf_counter() - start
 
 
-def run_pipelined(client: Any, fraction: float, n: int, seconds: float, nbytes: int) -> float:
+def run_pipelined(
+    client: Any,
+    fraction: float,
+    n: int,
+    seconds: float,
+    nbytes: int,
+    stage: Callable[..., None] = pipelined_stage,
+) -> float:
     """Makespan of the chain with every task started at once on proxy futures."""
     from distributed import wait
 
@@ -78,7 +102,7 @@ def run_pipelined(client: Any, fraction: float, n: int, seconds: float, nbytes: 
     start = time.perf_counter()
     tasks = [
         client.submit(
-            pipelined_stage,
+            stage,
             outputs[i - 1].proxy() if i else None,
             outputs[i],
             fraction,
@@ -97,8 +121,21 @@ def run_pipelined(client: Any, fraction: float, n: int, seconds: float, nbytes: 
     return elapsed
 
 
-def _run_pipelined_for(client: Any, fraction: float, n: int, nbytes: int, seconds: float) -> float:
-    return run_pipelined(client, fraction, n, seconds, nbytes)
+def _run_pipelined_for(
+    client: Any,
+    fraction: float,
+    n: int,
+    nbytes: int,
+    stage: Callable[..., None],
+    seconds: float,
+) -> float:
+    return run_pipelined(client, fraction, n, seconds, nbytes, stage)
+
+
+PIPELINED_STAGES: dict[str, Callable[..., None]] = {
+    "pipelined": pipelined_stage,
+    "pipelined in place": pipelined_in_place_stage,
+}
 
 
 def _cluster(n: int) -> Any:
@@ -113,13 +150,13 @@ def _cluster(n: int) -> Any:
 def measure(
     fractions: tuple[float, ...], n: int, seconds: float, nbytes: int, repeats: int
 ) -> dict[str, Any]:
-    """Makespans (median of ``repeats``) of the three chains for each fraction."""
+    """Makespans (median of ``repeats``) of the four chains for each fraction."""
     from distributed import Client
     from tqdm import tqdm
 
     from proxy_patterns.plugins.dask import register
 
-    progress = tqdm(total=2 * repeats + len(fractions) * repeats, desc="bench pipelining")
+    progress = tqdm(total=2 * repeats + 2 * len(fractions) * repeats, desc="bench pipelining")
 
     def median(run: Callable[[float], float]) -> float:
         """Median makespan of ``run(seconds)`` after an untimed warm-up ``run(0)``."""
@@ -133,10 +170,12 @@ def measure(
     results: dict[str, Any] = {}
     with _cluster(n) as cluster, Client(cluster) as client:
         results["sequential"] = median(lambda s: run_sequential(client, n, s, nbytes))
-        results["pipelined"] = {
-            f: median(functools.partial(_run_pipelined_for, client, f, n, nbytes))
-            for f in fractions
-        }
+        for name in PIPELINED_STAGES:
+            results[name] = {}
+        for f in fractions:  # the two side by side, under the same conditions
+            for name, stage in PIPELINED_STAGES.items():
+                run = functools.partial(_run_pipelined_for, client, f, n, nbytes, stage)
+                results[name][f] = median(run)
     with _cluster(n) as cluster, Client(cluster) as client:
         register(client)
         results["sequential + proxies"] = median(lambda s: run_sequential(client, n, s, nbytes))
@@ -149,26 +188,38 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     repeats = 1 if quick else 3
     results = measure(FRACTIONS, N, SECONDS, NBYTES, repeats)
     rows = []
-    worst = 0.0
+    worst = dict.fromkeys(PIPELINED_STAGES, 0.0)
     for fraction in FRACTIONS:
-        pipelined = results["pipelined"][fraction]
-        overhead = pipelined - ideal(fraction)
-        worst = max(worst, overhead)
+        overheads = {}
+        for name in PIPELINED_STAGES:
+            overheads[name] = results[name][fraction] - ideal(fraction)
+            worst[name] = max(worst[name], overheads[name])
         rows.append(
             [
                 f"{fraction:.1f}",
                 f"{results['sequential']:.3f}",
                 f"{results['sequential + proxies']:.3f}",
-                f"{pipelined:.3f}",
+                *(f"{results[name][fraction]:.3f}" for name in PIPELINED_STAGES),
                 f"{ideal(fraction):.3f}",
-                f"{overhead:+.3f}",
+                *(f"{overheads[name]:+.3f}" for name in PIPELINED_STAGES),
             ]
         )
     print(f"chain of {N} tasks, {SECONDS} s each, {NBYTES // 10**6} MB passed along")
-    header = ["f", "sequential (s)", "sequential + proxies (s)", "pipelined (s)", "ideal (s)"]
-    print_table([*header, "pipelined - ideal (s)"], rows)
-    verdict = "met" if worst <= 0.05 else "NOT met"
-    print(f"goal: pipelined within +0.05 s of ideal at every f: worst {worst:+.3f} s [{verdict}]")
+    header = [
+        "f",
+        "sequential (s)",
+        "sequential + proxies (s)",
+        *(f"{name} (s)" for name in PIPELINED_STAGES),
+        "ideal (s)",
+        *(f"{name} - ideal (s)" for name in PIPELINED_STAGES),
+    ]
+    print_table(header, rows)
+    for name in PIPELINED_STAGES:
+        verdict = "met" if worst[name] <= 0.05 else "NOT met"
+        print(
+            f"goal: {name} within +0.05 s of ideal at every f: "
+            f"worst {worst[name]:+.3f} s [{verdict}]"
+        )
     if plot:
         _plot(results, plot)
 
@@ -188,7 +239,8 @@ def _plot(results: dict[str, Any], path: str) -> None:
         "^--",
         label="sequential + proxies",
     )
-    ax.plot(fractions, [results["pipelined"][f] for f in fractions], "o-", label="pipelined")
+    for name, marker in zip(PIPELINED_STAGES, ("o-", "v-"), strict=True):
+        ax.plot(fractions, [results[name][f] for f in fractions], marker, label=name)
     ax.plot(fractions, [ideal(f) for f in fractions], "k:", label="ideal")
     ax.set(xlabel="fraction f of a task done before it needs its input", ylabel="makespan (s)")
     ax.set_title(f"Task pipelining, chain of {N}")
