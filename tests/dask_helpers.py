@@ -68,6 +68,25 @@ class Signal:
         wait_until(lambda: os.path.exists(self.path), timeout, message=f"signal {self.path}")
 
 
+class PickledWhen:
+    """A task result whose pickling announces itself (``started``) and then waits for ``go``:
+    a put of it into the store lasts as long as the test wants."""
+
+    def __init__(self, nbytes: int, started: Signal, go: Signal) -> None:
+        self.payload = bytes(nbytes)
+        self.started = started
+        self.go = go
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.started.set()
+        self.go.wait()
+        return bytes, (self.payload,)
+
+
+def pickled_when(nbytes: int, started: Signal, go: Signal) -> PickledWhen:
+    return PickledWhen(nbytes, started, go)
+
+
 def array(nbytes: int, seed: int = 0) -> np.ndarray:
     """A float64 array of ``nbytes`` bytes with distinct values."""
     return np.random.default_rng(seed).random(nbytes // 8)

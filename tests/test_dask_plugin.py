@@ -62,6 +62,7 @@ from dask_helpers import (
     identity,
     in_list,
     inc,
+    pickled_when,
     poll_for,
     raises,
     result_shaped,
@@ -693,6 +694,32 @@ def test_result_is_put_only_when_it_leaves_its_worker(env: Env) -> None:
     np.testing.assert_array_equal(f.result(), np.full(n, 3.0))
     proxied = env.stats()["bytes_proxied"] - before
     assert n * 8 <= proxied < n * 8 + 4096  # ...put once (with its framing), also for the client
+    del f
+    env.wait_empty()
+
+
+def test_a_worker_serves_requests_while_it_puts_a_result(env: Env, tmp_path: Any) -> None:
+    """Result puts run off the worker's event loop: while one is in progress (here, held up
+    in the pickling of the result), the worker still answers the client."""
+    started, go = Signal(str(tmp_path)), Signal(str(tmp_path))
+    f = env.client.submit(pickled_when, 2 * MiB, started, go, pure=False)
+    wait(f)
+    [worker] = env.client.who_has([f])[f.key]
+    gathered: list[Any] = []
+    gathering = threading.Thread(target=lambda g=f: gathered.append(g.result()), daemon=True)
+    gathering.start()  # the result leaves its worker: it is put in the store first
+    started.wait()
+    answered = threading.Event()
+    threading.Thread(
+        target=lambda: (env.client.run(os.getpid, workers=[worker]), answered.set()),
+        daemon=True,
+    ).start()
+    try:
+        assert answered.wait(30), "the worker did not answer while it put a result"
+    finally:
+        go.set()
+    gathering.join(30)
+    assert gathered == [bytes(2 * MiB)]  # the put finished, and the value is the object's
     del f
     env.wait_empty()
 
