@@ -12,7 +12,10 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path) -> None:
+def test_notebook_runs(path: Path, shm_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The notebooks use the default store and check it is left empty: a private directory
+    # (inherited by the kernel and the workers it starts) keeps other processes' entries out.
+    monkeypatch.setenv("PROXY_PATTERNS_STORE", f"shm://{shm_dir}")
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(
         notebook,
