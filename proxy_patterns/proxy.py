@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from proxystore.proxy import Proxy, get_factory
+from proxystore.proxy._property import proxy_property
 from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
@@ -64,7 +65,32 @@ def _with_defaults(p: P, default_class: Any, default_hash: Any) -> P:
     return p
 
 
-class OpaqueProxy(Proxy[T]):
+def _module_of(p: OpaqueProxy[Any]) -> Any:
+    """``p.__module__``, as its target answers it, read from the class cached at creation until
+    the proxy is resolved: ``inspect.getmodule``, which frameworks call while pickling, reads
+    it, and ProxyStore's answer resolves the proxy (a full read of the object on Redis)."""
+    if object.__getattribute__(p, "__proxy_resolved__"):
+        return p.__proxy_wrapped__.__module__
+    cls = object.__getattribute__(p, "__proxy_default_class__")
+    for klass in cls.__mro__:  # where an instance finds it: in a class's __dict__
+        if "__module__" in vars(klass):
+            return vars(klass)["__module__"]
+    raise AttributeError(f"{cls.__name__!r} object has no attribute '__module__'")
+
+
+class _OpaqueProxyType(ProxyMetaType):
+    """ProxyStore's metaclass copies its own ``__module__`` property into every proxy class;
+    this one puts :func:`_module_of` in its place (the class itself reports the module that
+    defines it)."""
+
+    def __new__(cls, name: str, bases: tuple[Any, ...], dictionary: dict[Any, Any]) -> Any:
+        module = dictionary["__module__"]
+        proxy_class = super().__new__(cls, name, bases, dictionary)
+        type.__setattr__(proxy_class, "__module__", proxy_property(default=module)(_module_of))
+        return proxy_class
+
+
+class OpaqueProxy(Proxy[T], metaclass=_OpaqueProxyType):
     """A ProxyStore proxy that framework inspection cannot resolve (see the module docstring)."""
 
     __slots__ = ()
@@ -82,7 +108,8 @@ class OpaqueProxy(Proxy[T]):
     __next__ = None  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith(_FRAMEWORK_PROTOCOLS):
+        # Reached after a property raised AttributeError too: _module_of's answer is final.
+        if name.startswith(_FRAMEWORK_PROTOCOLS) or name == "__module__":
             raise AttributeError(name)
         return super().__getattr__(name)
 
@@ -183,6 +210,7 @@ def _reduce_proxy_class(cls: type) -> Any:
 
 
 copyreg.pickle(ProxyMetaType, _reduce_proxy_class)
+copyreg.pickle(_OpaqueProxyType, _reduce_proxy_class)
 pickle_by_reference(__name__, OpaqueProxy, TransitProxy, HeldProxy)
 
 

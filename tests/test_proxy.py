@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import gc
+import inspect
 import pickle
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import task_objects
 from proxystore.store import Store
 
 from dask_helpers import CountingFactory
@@ -148,3 +150,15 @@ def test_the_policy_and_materialize_walk_the_same_containers(shm_store: Store[An
     assert type(next(m for m in materialized[0] if m is not future)) is bytes  # not a proxy
     assert materialized == value
     shm_store.evict(created[0][0])
+
+
+@pytest.mark.parametrize("value", [np.arange(3), task_objects.make("dataclass", 1), 5])
+def test_the_module_of_a_proxy_is_answered_without_resolving(value: Any) -> None:
+    """Frameworks call ``inspect.getmodule`` on what they pickle (Dask, on a result it sends):
+    it must give the target's answer without reading the target from the store."""
+    p, factory = _unresolved(value)
+    assert inspect.getmodule(p) is inspect.getmodule(value)
+    assert hasattr(p, "__module__") == hasattr(value, "__module__")
+    assert factory.calls == 0
+    assert str(p) == str(value)  # resolves it: from now on the target answers
+    assert inspect.getmodule(p) is inspect.getmodule(value) and factory.calls == 1
