@@ -553,6 +553,23 @@ def test_argument_resubmitted_while_its_previous_use_is_released(env: Env) -> No
     env.wait_empty()
 
 
+@pytest.mark.parametrize("env", ["redis"], indirect=True)
+def test_argument_lost_by_the_store_is_put_again(env: Env) -> None:
+    """A store that lost its data (redis-server restarted empty) while a future that carried
+    an argument is still held: the same argument submitted again is put again, never handed
+    out under the lost key (issue 16, found by a fault probe)."""
+    x = array(2 * MiB)
+    held = env.client.submit(total, x, pure=False)
+    assert held.result() == pytest.approx(x.sum())
+    client = redis_client_of(env.store.connector)
+    assert client is not None
+    client.flushdb()  # as a restart without persistence leaves it
+    again = env.client.submit(total, x, pure=False)
+    assert again.result(timeout=30) == pytest.approx(x.sum())
+    del held, again
+    env.wait_empty()
+
+
 def test_argument_mutated_in_place_is_sent_with_its_new_contents(env: Env) -> None:
     x = np.zeros(MiB // 4)  # 2 MiB
     f1 = env.client.submit(total, x, pure=False)
