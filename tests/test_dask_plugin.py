@@ -851,6 +851,50 @@ def test_counters_are_prometheus_metrics(env: Env) -> None:
     assert _scrape(env.cluster)["dask_scheduler_proxy_patterns_live_keys"] == 0
 
 
+_KILLED_CLIENT = """
+import os, sys
+import numpy as np
+from distributed import Client
+from proxy_patterns.plugins.dask import register
+client = Client(sys.argv[1])
+register(client, threshold="1 MiB", store=sys.argv[2])
+future = client.submit(np.sum, np.ones(2**18), pure=False)  # a 2 MiB argument
+future.result()
+print(client.id, flush=True)
+os.kill(os.getpid(), 9)  # with its future and the key it holds
+"""
+
+
+def test_a_killed_client_is_forgotten_quietly_with_its_keys(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dead client is normal operation: the scheduler forgets its tasks, their keys are
+    evicted, and nothing is logged as critical (issue 16, found by a fault probe)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED_CLIENT, env.cluster.scheduler_address, env.spec],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    client_id = run.stdout.strip()
+    assert run.returncode == -signal.SIGKILL and client_id, run.stderr
+    with caplog.at_level("INFO", logger="distributed"):
+        wait_until(
+            lambda: client_id not in env.client.run_on_scheduler(_client_ids),
+            message="the scheduler notices the client is gone",
+        )
+        env.wait_empty()
+    assert f"Remove client {client_id}" in caplog.text  # the scheduler's logs are seen here
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"], caplog.text
+
+
+def _client_ids(dask_scheduler: Any) -> list[str]:
+    return list(dask_scheduler.clients)
+
+
 @pytest.mark.parametrize("env", ["shm", "redis"], indirect=True)
 def test_closing_client_with_futures_outstanding_empties_store(env: Env, tmp_path: Any) -> None:
     n = 2 * MiB // 8
