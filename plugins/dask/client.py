@@ -59,7 +59,7 @@ def _pickled_graph(frames: list[Any]) -> Serialized:
 
 # The structure of a graph: never judged as task data, only walked by the pickler (a
 # container holding them is walked too, so that no graph node is ever hidden in a proxy).
-GRAPH_TYPES: tuple[type, ...] = (GraphNode, TaskRef, Expr, HighLevelGraph, Layer)
+_GRAPH_TYPES: tuple[type, ...] = (GraphNode, TaskRef, Expr, HighLevelGraph, Layer)
 
 
 class _GraphPickler(cloudpickle.Pickler):
@@ -92,7 +92,7 @@ class _GraphPickler(cloudpickle.Pickler):
                 return DataNode, (obj.key, value)
         elif cls is _MapExpr:
             return self._reduce_map(obj)
-        elif not issubclass(cls, GRAPH_TYPES):
+        elif not issubclass(cls, _GRAPH_TYPES):
             judged = self.judge(obj)
             if judged is not obj:
                 return judged.__reduce_ex__(5)
@@ -129,7 +129,7 @@ class DaskProxyPlugin:
         resolve_results: bool = True,
     ) -> None:
         self.client = client
-        self.policy = dataclasses.replace(policy, exclude=(*policy.exclude, *GRAPH_TYPES))
+        self.policy = dataclasses.replace(policy, exclude=(*policy.exclude, *_GRAPH_TYPES))
         self.store_spec = store_spec
         self.resolve_results = resolve_results
         self.store = get_store(store_spec)
