@@ -18,6 +18,7 @@ from typing import Any
 from proxystore.proxy import Proxy
 from proxystore.store import Store
 
+from proxy_patterns.availability import reaching
 from proxy_patterns.proxy import TransitProxy, key_of, proxy
 from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for
 from proxy_patterns.serialize import Frames
@@ -50,12 +51,14 @@ class ArgumentProxies:
             known = self._by_digest.get(digest)
         if known is not None:
             try:
-                return known, self.table.add(key_of(known), "ref")
+                with reaching(self.store.name, f"holding key {key_of(known)}"):
+                    return known, self.table.add(key_of(known), "ref")
             except ReferenceInvalidError:  # its last use ended: it was evicted
                 pass
         p = proxy(self.store, obj, keep_target=False, frames=frames, cls=TransitProxy)
         try:
-            holder = self.table.create(key_of(p))
+            with reaching(self.store.name, f"holding key {key_of(p)}"):
+                holder = self.table.create(key_of(p))
         except BaseException:
             self.store.evict(key_of(p))
             raise

@@ -33,6 +33,7 @@ from proxystore.proxy._utils import ProxyMetaType
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
+from proxy_patterns.availability import reaching
 from proxy_patterns.containers import is_container, members, with_members
 from proxy_patterns.serialize import Frames
 from proxy_patterns.store import put
@@ -76,6 +77,13 @@ def _module_of(p: OpaqueProxy[Any]) -> Any:
         if "__module__" in vars(klass):
             return vars(klass)["__module__"]
     raise AttributeError(f"{cls.__name__!r} object has no attribute '__module__'")
+
+
+def _resolve(factory: Callable[[], T]) -> T:
+    """``factory()``, with a store that cannot be reached named in the error, with the key."""
+    store = getattr(getattr(factory, "store_config", None), "name", "of this proxy")
+    with reaching(store, f"reading key {getattr(factory, 'key', None)}"):
+        return factory()
 
 
 class _OpaqueProxyType(ProxyMetaType):
@@ -122,7 +130,7 @@ class OpaqueProxy(Proxy[T], metaclass=_OpaqueProxyType):
             return cast(T, object.__getattribute__(self, "__proxy_target__"))
         except AttributeError:
             pass
-        target = object.__getattribute__(self, "__proxy_factory__")()
+        target = _resolve(object.__getattribute__(self, "__proxy_factory__"))
         object.__setattr__(self, "__proxy_target__", target)
         return cast(T, target)
 
@@ -323,6 +331,6 @@ def materialize(obj: Any, depth: int) -> Any:
     def resolve(p: Proxy[Any]) -> Any:
         if type(p) is not TransitProxy:
             return p
-        return materialize(get_factory(p)(), depth)
+        return materialize(_resolve(get_factory(p)), depth)
 
     return map_proxies(obj, resolve, depth)

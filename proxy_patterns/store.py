@@ -32,6 +32,7 @@ from proxystore.connectors.protocols import Connector
 from proxystore.store import Store
 
 from proxy_patterns.allocation import allocate, unpublished_allocation
+from proxy_patterns.availability import reaching
 from proxy_patterns.extras import requires_extra
 from proxy_patterns.serialize import Frames, deserialize, dumps, serialize
 from proxy_patterns.shm import (
@@ -150,9 +151,10 @@ def put(store: Store[Any], obj: Any, frames: Frames | None = None) -> Any:
         if allocation is not None:
             return allocation.publish(connector, connector.new_key())
     frames = dumps(obj) if frames is None else frames
-    if isinstance(connector, FramesConnector):
-        return connector.put_frames(frames)
-    return store.put(frames, serializer=Frames.join)
+    with reaching(store.name, f"putting {frames.nbytes} bytes"):
+        if isinstance(connector, FramesConnector):
+            return connector.put_frames(frames)
+        return store.put(frames, serializer=Frames.join)
 
 
 def empty(shape: Any, dtype: Any = float, store: Store[Any] | None = None) -> np.ndarray:

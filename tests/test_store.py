@@ -22,6 +22,7 @@ from proxystore.proxy import Proxy, extract
 from proxystore.store import Store
 
 from conftest import assert_empty_and_close
+from dask_helpers import wait_until
 from proxy_patterns import shm
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.ownership import owned, release
@@ -335,3 +336,65 @@ def test_objects_are_counted_apart_from_records_claims_and_markers(
     future.evict()
     release(p)
     assert (count_objects(store), count_entries(store)) == (0, 0)
+
+
+def test_a_redis_server_that_stops_gives_our_error_and_work_resumes_after_a_restart() -> None:
+    """Redis down: a put and a resolve raise StoreUnavailableError naming the store and what
+    failed (the key, for a resolve), not whatever the caller made of redis's error; once the
+    server is back, new work succeeds (issue 16, found by a fault probe)."""
+    import socket
+
+    from proxy_patterns.availability import StoreUnavailableError
+    from proxy_patterns.bench.redis_server import redis_server_binary
+
+    binary = redis_server_binary()
+    assert binary is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+    def start() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _accepts(port), message="redis-server accepts connections")
+        return server
+
+    server = start()
+    store = get_store(f"redis://127.0.0.1:{port}")
+    try:
+        kept = proxy(store, b"kept" * 1000, keep_target=False)
+        server.terminate()
+        server.wait(30)
+        with pytest.raises(StoreUnavailableError, match=rf"{store.name} is unavailable: putting"):
+            proxy(store, b"new" * 1000)
+        with pytest.raises(
+            StoreUnavailableError, match=rf"reading key .*{key_of(kept).redis_key}"
+        ):
+            extract(kept)
+        server = start()  # empty: the kept object is gone with the old server
+        again = proxy(store, b"again" * 1000, keep_target=False)
+        assert extract(again) == b"again" * 1000
+        store.evict(key_of(again))
+    finally:
+        try:
+            assert_empty_and_close(store)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -35,6 +35,7 @@ from distributed.protocol.serialize import Serialized
 from proxystore.proxy import Proxy
 
 from proxy_patterns.arguments import ArgumentProxies
+from proxy_patterns.availability import StoreUnavailableError
 from proxy_patterns.futures import pickled_futures
 from proxy_patterns.plugins.dask.protocol import ANNOTATION, PLUGIN_NAME, Hold
 from proxy_patterns.policy import AROUND_ARGUMENTS, AROUND_GATHERED, ProxyPolicy
@@ -195,6 +196,9 @@ class DaskProxyPlugin:
             _GraphPickler(
                 stream, judge, buffer_callback=lambda b: buffers.append(memoryview(b))
             ).dump(expr)
+        except StoreUnavailableError:
+            _drop(list(holds.values()))
+            raise
         except Exception as e:
             _drop(list(holds.values()))
             raise TypeError(f"could not serialize the task graph: {e}") from e
