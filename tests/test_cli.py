@@ -106,7 +106,9 @@ def test_clean_store_evicts_what_dead_processes_held(redis_url: str) -> None:
         "p = owned(b'x' * 100, get_store(sys.argv[1]))\n"
         "os._exit(0)  # no release, no atexit: its holder is left in the record\n"
     )
-    subprocess.run([sys.executable, "-c", dies_holding, redis_url], check=True)
+    subprocess.run(
+        [sys.executable, "-c", dies_holding, redis_url], check=True, cwd=tempfile.gettempdir()
+    )
     store = get_store(redis_url)
     client = redis_client_of(store.connector)
     assert client is not None and count_objects(store) == 1

@@ -878,6 +878,7 @@ def test_a_killed_client_is_forgotten_quietly_with_its_keys(
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tempfile.gettempdir(),  # not the repository: its source tree has no plugins/ there
     )
     client_id = run.stdout.strip()
     assert run.returncode == -signal.SIGKILL and client_id, run.stderr
