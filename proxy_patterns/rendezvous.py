@@ -189,7 +189,8 @@ class SharedMemoryRendezvous:
     def claim(self, key: SharedMemoryKey) -> None:
         path = self._claim_path(key)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # ours alone, as segments
+        with os.fdopen(fd, "w") as f:
             f.write(process_tag())
         os.replace(tmp, path)
 

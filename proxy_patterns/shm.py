@@ -67,6 +67,11 @@ class StoreCapacityError(MemoryError):
     """The shared-memory directory has no room for an object."""
 
 
+class UntrustedSegmentError(PermissionError):
+    """A segment is not this user's own, or others may write it: reading it would unpickle
+    bytes someone else may have planted, which is running their code."""
+
+
 class KeyExistsError(KeyError):
     """A write-once key was written twice."""
 
@@ -190,6 +195,18 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
         shutil.rmtree(refs, ignore_errors=True)
         removed.append(name)
     return removed
+
+
+def _check_trusted(path: str, stat: os.stat_result) -> None:
+    """Refuse a segment that another user owns, or that group or others may write: segment
+    names are listed in the world-readable ``/dev/shm``, so another local user could create one
+    first (a proxy future's, before its value is set) with a crafted pickle."""
+    if stat.st_uid != os.geteuid() or stat.st_mode & 0o022:
+        raise UntrustedSegmentError(
+            f"refusing to read {path}: it belongs to uid {stat.st_uid} with mode "
+            f"{stat.st_mode & 0o777:o}, not to this user (uid {os.geteuid()}) alone; another "
+            "user may have planted it"
+        )
 
 
 def huge_page_directories() -> list[str]:
@@ -534,6 +551,7 @@ class SharedMemoryConnector:
             stat = os.fstat(fd)
             if os.stat(path).st_ino != stat.st_ino:
                 return None
+            _check_trusted(path, stat)
             if stat.st_size == 0:
                 return memoryview(bytearray())
             return memoryview(mmap.mmap(fd, stat.st_size, access=mmap.ACCESS_COPY))

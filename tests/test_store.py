@@ -398,3 +398,33 @@ def _accepts(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("planted_by", ["a writable mode", "another user"])
+def test_a_segment_that_is_not_ours_alone_is_refused(
+    shm_store: Store[Any], planted_by: str
+) -> None:
+    """Segment names are listed in the world-readable /dev/shm: another local user could write
+    one first (a future's key, before its value is set) with a crafted pickle. Reading it would
+    run their code, so a segment another user owns, or others may write, is refused."""
+    from proxy_patterns.shm import UntrustedSegmentError
+
+    if planted_by == "another user" and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    key = put(shm_store, b"x" * 100)
+    path = shm_store.connector.path(key)  # type: ignore[attr-defined]
+    assert shm_store.connector.get(key) is not None  # ours alone: read
+    if planted_by == "a writable mode":
+        os.chmod(path, 0o622)
+    else:
+        os.chown(path, 65534, 65534)  # nobody
+    with pytest.raises(UntrustedSegmentError, match="another user may have planted it"):
+        shm_store.connector.get(key)
+    shm_store.evict(key)
+
+
+def test_a_future_claim_is_readable_by_this_user_only(shm_store: Store[Any]) -> None:
+    future: ProxyFuture[int] = ProxyFuture(shm_store)
+    claim = shm_store.connector.path(future.key) + ".claim"  # type: ignore[attr-defined]
+    assert stat.S_IMODE(os.stat(claim).st_mode) == 0o600
+    future.evict()
