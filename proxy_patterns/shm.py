@@ -161,12 +161,14 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
     :mod:`proxy_patterns.ownership`) lives as long as a process named in its record does,
     whoever created it; it is removed with its record once none does. Spare segments (see
     :class:`_Spares`) of processes that no longer exist are removed too; they are no keys and
-    are not reported.
+    are not reported. Other users' entries are left alone.
     """
     alive = functools.cache(tag_alive)  # once per process: many segments share a maker
     removed = []
     names = set(os.listdir(directory))
     for name in names:
+        if not _ours(os.path.join(directory, name)):
+            continue
         if name.startswith(SPARE_PREFIX):
             if not alive(_spare_maker_and_size(name)[0]):
                 _unlink(os.path.join(directory, name))
@@ -195,6 +197,16 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
         shutil.rmtree(refs, ignore_errors=True)
         removed.append(name)
     return removed
+
+
+def _ours(path: str) -> bool:
+    """Whether this user owns the entry at ``path``: in a directory shared with other users
+    (the sticky ``/dev/shm``), their files are neither removed nor reused, whatever they are
+    named."""
+    try:
+        return os.lstat(path).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return False
 
 
 def _check_trusted(path: str, stat: os.stat_result) -> None:
@@ -277,8 +289,8 @@ class _Spares:
         alive: dict[str, bool] = {process_tag(): True}
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if not entry.name.startswith(SPARE_PREFIX):
-                    continue
+                if not entry.name.startswith(SPARE_PREFIX) or not _ours(entry.path):
+                    continue  # another user's spare: theirs to reuse, and their file
                 tag, nbytes = _spare_maker_and_size(entry.name)
                 if tag not in alive:
                     alive[tag] = tag_alive(tag)

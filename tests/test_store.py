@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -428,3 +429,40 @@ def test_a_future_claim_is_readable_by_this_user_only(shm_store: Store[Any]) -> 
     claim = shm_store.connector.path(future.key) + ".claim"  # type: ignore[attr-defined]
     assert stat.S_IMODE(os.stat(claim).st_mode) == 0o600
     future.evict()
+
+
+def test_other_users_files_are_neither_removed_nor_reused(shm_dir: str) -> None:
+    """In the sticky /dev/shm, another user's entries look like ours (a stale segment, a
+    record, a spare of a process that is gone): the sweep must not remove them, nor a put
+    reuse their pages (it would write our data into a file they own)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving files to another user needs root")
+    MiB = 2**20
+    dead = "999999-1"  # a process tag no process has
+    planted = {
+        f"{SEGMENT_PREFIX}{dead}-{'a' * 32}": 100,
+        f"{shm.SPARE_PREFIX}{dead}-{4 * MiB}-{'b' * 16}": 4 * MiB,
+    }
+    for name, nbytes in planted.items():
+        with open(os.path.join(shm_dir, name), "wb") as f:
+            f.truncate(nbytes)
+    record = os.path.join(shm_dir, f"{SEGMENT_PREFIX}{dead}-{'c' * 32}{shm.REFS_SUFFIX}")
+    os.mkdir(record, 0o700)
+    open(os.path.join(record, f"owner.{dead}.{'d' * 16}"), "w").close()
+    for name in [*planted, os.path.basename(record)]:
+        os.chown(os.path.join(shm_dir, name), 65534, 65534)  # nobody's
+    try:
+        assert shm.remove_stale_segments(shm_dir) == []
+        store = get_store(f"shm://{shm_dir}")
+        key = put(store, np.ones(3 * MiB // 8))  # would fit the planted spare
+        spare = os.path.join(shm_dir, next(n for n in planted if n.startswith(shm.SPARE_PREFIX)))
+        assert os.stat(spare).st_uid == 65534  # still theirs, untouched
+        assert os.stat(store.connector.path(key)).st_uid == os.geteuid()  # type: ignore[attr-defined]
+        store.evict(key)
+        assert all(os.path.exists(os.path.join(shm_dir, n)) for n in planted)
+        assert os.path.isdir(record)
+    finally:
+        for name in planted:
+            os.unlink(os.path.join(shm_dir, name))
+        shutil.rmtree(record)
+    assert_empty_and_close(store)
