@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +22,7 @@ def _clean(args: argparse.Namespace) -> int:
             ref_table_for(store).sweep()  # (a Redis table sweeps when it is made, too)
         print(f"{args.store}: {before} entries before the sweep, {count_entries(store)} after")
         return 0
-    removed = remove_stale_segments(args.directory)
+    removed = remove_stale_segments(args.directory) if os.path.isdir(args.directory) else []
     for name in removed:
         print(f"removed {name}")
     print(f"{len(removed)} stale segment(s) removed from {args.directory}")

@@ -41,6 +41,7 @@ import mmap
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections import deque
@@ -52,7 +53,10 @@ from proxystore.serialize import BytesLike
 from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.serialize import Frames
 
-DEFAULT_DIRECTORY = "/dev/shm"
+DEFAULT_DIRECTORY = f"/dev/shm/proxy-patterns.user-{os.geteuid()}"
+"""This user's own directory in ``/dev/shm`` (``0700``, see :func:`private_directory`): other
+local users can neither list the names of our segments nor plant entries among them. (Its name
+is no segment's nor spare's, so a sweep of ``/dev/shm`` itself never takes it for one.)"""
 SEGMENT_PREFIX = "proxy-patterns-"
 _TMP_SUFFIX = ".tmp"
 SPARE_PREFIX = "proxy-patterns.spare-"
@@ -70,6 +74,10 @@ class StoreCapacityError(MemoryError):
 class UntrustedSegmentError(PermissionError):
     """A segment is not this user's own, or others may write it: reading it would unpickle
     bytes someone else may have planted, which is running their code."""
+
+
+class UntrustedDirectoryError(PermissionError):
+    """The default store directory exists but is not this user's alone."""
 
 
 class KeyExistsError(KeyError):
@@ -199,6 +207,22 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
     return removed
 
 
+def private_directory(path: str) -> str:
+    """``path``, a directory that only this user may enter: created ``0700`` if missing, and
+    refused if it exists as anything else (another user's, or a link, or open to others), since
+    whoever can write there can plant what this user will unpickle."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise UntrustedDirectoryError(
+            f"refusing to keep objects in {path}: it should be a directory of uid "
+            f"{os.geteuid()} with mode 700, and is owned by uid {st.st_uid} with mode "
+            f"{stat.filemode(st.st_mode)}; remove it, or name another directory (shm:///path)"
+        )
+    return path
+
+
 def _ours(path: str) -> bool:
     """Whether this user owns the entry at ``path``: in a directory shared with other users
     (the sticky ``/dev/shm``), their files are neither removed nor reused, whatever they are
@@ -209,14 +233,14 @@ def _ours(path: str) -> bool:
         return False
 
 
-def _check_trusted(path: str, stat: os.stat_result) -> None:
+def _check_trusted(path: str, st: os.stat_result) -> None:
     """Refuse a segment that another user owns, or that group or others may write: segment
     names are listed in the world-readable ``/dev/shm``, so another local user could create one
     first (a proxy future's, before its value is set) with a crafted pickle."""
-    if stat.st_uid != os.geteuid() or stat.st_mode & 0o022:
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise UntrustedSegmentError(
-            f"refusing to read {path}: it belongs to uid {stat.st_uid} with mode "
-            f"{stat.st_mode & 0o777:o}, not to this user (uid {os.geteuid()}) alone; another "
+            f"refusing to read {path}: it belongs to uid {st.st_uid} with mode "
+            f"{st.st_mode & 0o777:o}, not to this user (uid {os.geteuid()}) alone; another "
             "user may have planted it"
         )
 
@@ -412,6 +436,8 @@ class SharedMemoryConnector:
         owner: str | None = None,
         spare_bytes: int | None = None,
     ) -> None:
+        if directory == DEFAULT_DIRECTORY:
+            private_directory(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"shared-memory directory {directory!r} does not exist")
         self.directory = directory
@@ -560,13 +586,13 @@ class SharedMemoryConnector:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            stat = os.fstat(fd)
-            if os.stat(path).st_ino != stat.st_ino:
+            st = os.fstat(fd)
+            if os.stat(path).st_ino != st.st_ino:
                 return None
-            _check_trusted(path, stat)
-            if stat.st_size == 0:
+            _check_trusted(path, st)
+            if st.st_size == 0:
                 return memoryview(bytearray())
-            return memoryview(mmap.mmap(fd, stat.st_size, access=mmap.ACCESS_COPY))
+            return memoryview(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_COPY))
         except (BlockingIOError, FileNotFoundError):
             return None  # being evicted: an evictor holds the lock, or the name is gone
         finally:

@@ -3,7 +3,8 @@
 A *store spec* names a ProxyStore connector and where it keeps its bytes:
 
 =====================  ========================================================
-``shm``                :class:`~proxy_patterns.shm.SharedMemoryConnector` on ``/dev/shm``
+``shm``                :class:`~proxy_patterns.shm.SharedMemoryConnector` in this user's
+                       ``0700`` directory of ``/dev/shm`` (``shm.DEFAULT_DIRECTORY``)
 ``shm:///some/tmpfs``  the same on another tmpfs directory (``?owner=PID-START``: whose
                        segments they are, see :func:`spec_owned_by`; ``?spare_bytes=1GiB``:
                        how much of evicted segments to keep for reuse, 0 for none)

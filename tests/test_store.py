@@ -466,3 +466,34 @@ def test_other_users_files_are_neither_removed_nor_reused(shm_dir: str) -> None:
             os.unlink(os.path.join(shm_dir, name))
         shutil.rmtree(record)
     assert_empty_and_close(store)
+
+
+def test_the_default_store_lives_in_a_directory_of_this_user_alone() -> None:
+    connector = SharedMemoryConnector()
+    st = os.lstat(connector.directory)
+    assert connector.directory == shm.DEFAULT_DIRECTORY
+    assert os.path.dirname(connector.directory) == "/dev/shm"
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+
+
+@pytest.mark.parametrize("planted", ["open to others", "a link", "another user's"])
+def test_a_store_directory_that_is_not_ours_alone_is_refused(shm_dir: str, planted: str) -> None:
+    """Whoever can write in the store's directory can plant what we unpickle: a directory
+    already there, but open to others, a link, or another user's, is refused."""
+    path = os.path.join(shm_dir, "store")
+    if planted == "open to others":
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o755)
+    elif planted == "a link":
+        os.mkdir(os.path.join(shm_dir, "elsewhere"), 0o700)
+        os.symlink(os.path.join(shm_dir, "elsewhere"), path)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.mkdir(path, 0o700)
+        os.chown(path, 65534, 65534)
+    with pytest.raises(shm.UntrustedDirectoryError, match="refusing to keep objects in"):
+        shm.private_directory(path)
+    fresh = shm.private_directory(os.path.join(shm_dir, "fresh"))  # created as it should be
+    assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o700
