@@ -45,7 +45,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from proxystore.serialize import BytesLike
@@ -221,6 +221,17 @@ def private_directory(path: str) -> str:
             f"{stat.filemode(st.st_mode)}; remove it, or name another directory (shm:///path)"
         )
     return path
+
+
+@contextlib.contextmanager
+def _locked_directory(directory: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (against other processes and threads)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _ours(path: str) -> bool:
@@ -483,6 +494,16 @@ class SharedMemoryConnector:
         """
         if self._spares.take(nbytes, tmp):
             return os.open(tmp, mode)
+        try:
+            return self._allocate(tmp, nbytes, mode)
+        except StoreCapacityError:
+            # Puts racing for the last free pages can each get part of them and all fail: one
+            # at a time, the first gets the room, and the others learn how much is left.
+            with _locked_directory(self.directory):
+                return self._allocate(tmp, nbytes, mode)
+
+    def _allocate(self, tmp: str, nbytes: int, mode: int) -> int:
+        """Open a new file of ``nbytes`` fresh pages at ``tmp``, once there is room for them."""
         if nbytes > _free_bytes(self.directory):
             self._spares.remove_all()
             if nbytes > _free_bytes(self.directory):

@@ -497,3 +497,50 @@ def test_a_store_directory_that_is_not_ours_alone_is_refused(shm_dir: str, plant
         shm.private_directory(path)
     fresh = shm.private_directory(os.path.join(shm_dir, "fresh"))  # created as it should be
     assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o700
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Any) -> Any:
+    """A 200 MB tmpfs of its own (mounting one needs root)."""
+    path = tmp_path / "small"
+    path.mkdir(mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=200m,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield str(path)
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_two_puts_racing_for_the_last_room_one_succeeds(small_tmpfs: str) -> None:
+    """Two threads each put 120 MB into 200 MB: one must succeed, and the other's error must
+    say how much was left when it failed, not the size of the whole file system (issue 16,
+    found by a fault probe: both failed in 5 of 5 trials)."""
+    import threading
+
+    connector = SharedMemoryConnector(small_tmpfs, spare_bytes=0)
+    payload = np.ones(15_000_000)  # 120 MB
+
+    def put_one(start: threading.Barrier, outcomes: list[Any]) -> None:
+        start.wait()
+        try:
+            outcomes.append(connector.put(payload.data))
+        except StoreCapacityError as e:
+            outcomes.append(e)
+
+    for _ in range(5):
+        start, outcomes = threading.Barrier(2), []
+        threads = [threading.Thread(target=put_one, args=(start, outcomes)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        keys = [o for o in outcomes if isinstance(o, SharedMemoryKey)]
+        errors = [o for o in outcomes if isinstance(o, StoreCapacityError)]
+        assert len(keys) == 1 and len(errors) == 1, outcomes
+        free = int(str(errors[0]).rsplit("only ", 1)[1].split()[0])
+        assert free < 120_000_000, errors[0]  # less than asked for: not the whole 200 MB
+        connector.evict(keys[0])
+    assert os.listdir(small_tmpfs) == []
