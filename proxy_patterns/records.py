@@ -395,21 +395,25 @@ def ref_table_for(store: Store[Any]) -> RefTable:
     ever, and would have answered for another connector reusing a freed one's ``id``).
     """
     connector = store.connector
+    new_redis_table: RedisRefTable | None = None
     with _tables_lock:
         table: RefTable | None = getattr(connector, _TABLE, None)
         if table is None:
             if isinstance(connector, SharedMemoryConnector):
                 table = SharedMemoryRefTable(connector)
             elif (client := redis_client_of(connector)) is not None:
-                table = RedisRefTable(client)
-                table.sweep()  # as shared memory does whenever a connector starts
+                table = new_redis_table = RedisRefTable(client)
             else:
                 raise TypeError(
                     "ownership needs a shared-memory or Redis store, not "
                     f"{type(connector).__name__}"
                 )
             setattr(connector, _TABLE, table)
-        return table
+    if new_redis_table is not None:
+        # As shared memory does whenever a connector starts; a scan of the whole database,
+        # so outside the lock that every lookup of every table takes.
+        new_redis_table.sweep()
+    return table
 
 
 def ref_table_of(store_config: Any) -> RefTable:
