@@ -30,7 +30,7 @@ from proxystore.proxy import Proxy
 
 from proxy_patterns.containers import is_container, members, with_members
 from proxy_patterns.serialize import Frames, PickleRefused, Serialized, dumps
-from proxy_patterns.sizes import parse_bytes
+from proxy_patterns.sizes import as_bytes
 
 T = TypeVar("T")
 
@@ -157,14 +157,7 @@ class ProxyPolicy:
     max_depth: int = 2
 
     def __post_init__(self) -> None:
-        threshold = self.threshold
-        if isinstance(threshold, str):
-            try:
-                threshold = parse_bytes(threshold)
-            except ValueError as e:
-                raise ValueError(f"cannot parse threshold {self.threshold!r} as bytes") from e
-        if threshold < 0:
-            raise ValueError(f"threshold must not be negative, got {self.threshold!r}")
+        threshold = as_bytes(self.threshold, "threshold")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must not be negative, got {self.max_depth!r}")
         object.__setattr__(self, "threshold", threshold)

@@ -9,9 +9,11 @@ on its key).
 
 Every holder carries a *lease*, the liveness of its process: the process tag itself on shared
 memory (:func:`~proxy_patterns.liveness.tag_alive`), an expiring key renewed by a background
-thread on Redis. Holders whose lease ended are dropped whenever the record is read, so a killed
-worker never pins an object; an object this process released while others held it is checked
-again until it is gone (:func:`watch_until_evicted`), so it goes when those others die.
+thread on Redis (a stream's queued item is held by a lease of the stream instead: see
+:mod:`proxy_patterns.brokers`). Holders whose lease ended are dropped whenever the record is
+read, so a killed worker never pins an object; an object this process released while others
+held it is checked again until it is gone (:func:`watch_until_evicted`), so it goes when those
+others die.
 
 A :class:`RefTable` keeps the records of one store: :class:`SharedMemoryRefTable` (a directory
 of holder files beside the segment, changed under ``flock``) or :class:`RedisRefTable` (a hash
@@ -27,13 +29,13 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import proxystore.store
 from proxystore.store import Store
 
-from proxy_patterns.liveness import process_tag, tag_alive
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.rendezvous import (
     LEASE,
     RedisRendezvous,
@@ -45,6 +47,7 @@ from proxy_patterns.shm import (
     SharedMemoryConnector,
     SharedMemoryKey,
     holder_tag,
+    lease_alive,
     remove_stale_segments,
 )
 from proxy_patterns.store import CLAIM_SUFFIX, LEASE_PREFIX, RECORD_SUFFIX, redis_client_of
@@ -105,6 +108,20 @@ class RefTable(Protocol):
         """Names of the live holders (``kind.tag.token``)."""
         ...
 
+    def create_held(self, key: Any, leases: Sequence[str]) -> list[str]:
+        """Record a new object held by one ``ref`` holder per lease in ``leases`` (leases of
+        other processes, or of streams, as :meth:`lease` gives them); return the holders, in
+        order. What a stream does with an item each consumer group must see."""
+        ...
+
+    def lease(self) -> str:
+        """This process's lease: what its holders live by, to name in :meth:`create_held`."""
+        ...
+
+    def lease_alive(self, lease: str) -> bool:
+        """Whether ``lease`` (of a process, or of a stream) is still alive."""
+        ...
+
     def sweep(self) -> int:
         """Evict every object of the store whose holders all died (a process killed while it
         held keys: nobody is left to drop them); return how many were evicted."""
@@ -149,11 +166,10 @@ class SharedMemoryRefTable:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _live(directory: str) -> list[str]:
+    def _live(self, directory: str) -> list[str]:
         live = []
         for holder in os.listdir(directory):
-            if tag_alive(holder_tag(holder)):
+            if self.lease_alive(holder_tag(holder)):
                 live.append(holder)
             else:
                 with contextlib.suppress(FileNotFoundError):
@@ -172,15 +188,27 @@ class SharedMemoryRefTable:
         return True
 
     def create(self, key: SharedMemoryKey) -> str:
+        return self._create(key, [_new_holder("owner", process_tag())])[0]
+
+    def create_held(self, key: SharedMemoryKey, leases: Sequence[str]) -> list[str]:
+        return self._create(key, [_new_holder("ref", lease) for lease in leases])
+
+    def _create(self, key: SharedMemoryKey, holders: list[str]) -> list[str]:
         # Built under a temporary name and renamed into place: a record is never seen empty.
         directory = self._directory(key)
         tmp = f"{directory}-{secrets.token_hex(4)}.tmp"
         os.mkdir(tmp, 0o700)
-        holder = _new_holder("owner", process_tag())
-        self._touch(tmp, holder)
+        for holder in holders:
+            self._touch(tmp, holder)
         os.rename(tmp, directory)
         self.connector.detach(key)  # from now on the record decides when it goes
-        return holder
+        return holders
+
+    def lease(self) -> str:
+        return process_tag()
+
+    def lease_alive(self, lease: str) -> bool:
+        return lease_alive(self.connector.directory, lease)
 
     def add(self, key: SharedMemoryKey, kind: Kind) -> str:
         with self._locked(key) as directory:
@@ -316,6 +344,17 @@ class RedisRefTable:
         holder = _new_holder("owner", self._tag)
         self.client.hset(self._keys(key)[0], holder, self._lease())
         return holder
+
+    def create_held(self, key: Any, leases: Sequence[str]) -> list[str]:
+        holders = [_new_holder("ref", self._tag) for _ in leases]
+        self.client.hset(self._keys(key)[0], mapping=dict(zip(holders, leases, strict=True)))
+        return holders
+
+    def lease(self) -> str:
+        return self._lease()
+
+    def lease_alive(self, lease: str) -> bool:
+        return bool(self.client.exists(lease))
 
     def add(self, key: Any, kind: Kind) -> str:
         holder = _new_holder(kind, self._tag)

@@ -145,12 +145,32 @@ def holder_tag(holder: str) -> str:
     return holder.split(".")[1] if holder.count(".") == 2 else ""
 
 
+TOPIC_SUFFIX = ".topic"
+"""A stream's topic is the directory ``proxy-patterns-<lease>.topic``: see
+:mod:`proxy_patterns.brokers`."""
+STREAM_LEASE_PREFIX = "stream-"
+"""A holder leased by a stream (``stream-<id>``) lives as long as the stream's topic does."""
+
+
+def lease_alive(directory: str, tag: str) -> bool:
+    """Whether the lease ``tag`` of a holder of an object in the store ``directory`` is alive.
+
+    A process tag is alive while its process runs (:func:`tag_alive`); a stream's lease while
+    the stream's topic exists: an item waiting in a queue is held by the queue, not by the
+    process that sent it.
+    """
+    if tag.startswith(STREAM_LEASE_PREFIX):
+        return os.path.isdir(os.path.join(directory, f"{SEGMENT_PREFIX}{tag}{TOPIC_SUFFIX}"))
+    return tag_alive(tag)
+
+
 def is_segment(name: str) -> bool:
     """Whether the entry ``name`` of a store directory is a segment, that is an object.
 
     Every other entry has a ``.`` in its name, which segment names never hold (process tags
     hold none): temporary files (``.tmp``), reference records (``.refs``), proxy futures'
-    claims (``.claim``, :mod:`proxy_patterns.rendezvous`) and spares (``proxy-patterns.``).
+    claims (``.claim``, :mod:`proxy_patterns.rendezvous`), streams' topics (``.topic``) and spares
+    (``proxy-patterns.``).
     """
     return name.startswith(SEGMENT_PREFIX) and "." not in name
 
@@ -171,7 +191,7 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
     :class:`_Spares`) of processes that no longer exist are removed too; they are no keys and
     are not reported. Other users' entries are left alone.
     """
-    alive = functools.cache(tag_alive)  # once per process: many segments share a maker
+    alive = functools.cache(functools.partial(lease_alive, directory))  # many share a maker
     removed = []
     names = set(os.listdir(directory))
     for name in names:
@@ -181,8 +201,8 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
             if not alive(_spare_maker_and_size(name)[0]):
                 _unlink(os.path.join(directory, name))
             continue
-        if not name.startswith(SEGMENT_PREFIX):
-            continue
+        if not name.startswith(SEGMENT_PREFIX) or name.endswith(TOPIC_SUFFIX):
+            continue  # (a stream's topic lives until it is drained, whoever is gone)
         if name.endswith(REFS_SUFFIX):  # a record whose segment is gone (or not yet written)
             if name.removesuffix(REFS_SUFFIX) not in names and not any(
                 alive(holder_tag(h)) for h in _listdir(os.path.join(directory, name))

@@ -41,3 +41,18 @@ def parse_bytes(text: str) -> int:
         raise ValueError(
             f"cannot read {text!r} as a size in bytes (such as '1 MiB' or '100 kB')"
         ) from error
+
+
+def as_bytes(value: int | str, setting: str) -> int:
+    """A size setting (a number of bytes, or text :func:`parse_bytes` reads) as bytes.
+
+    Raises:
+        ValueError: ``value`` cannot be read, or is negative; the message names ``setting``.
+    """
+    try:
+        nbytes = parse_bytes(value) if isinstance(value, str) else value
+    except ValueError as e:
+        raise ValueError(f"cannot parse {setting} {value!r} as bytes") from e
+    if nbytes < 0:
+        raise ValueError(f"{setting} must not be negative, got {value!r}")
+    return nbytes

@@ -1,0 +1,299 @@
+"""A broker in the Redis store's server: many nodes.
+
+A topic is a handful of keys (``proxy-patterns:stream:<topic>:…``) beside the objects, and
+every step that touches more than one of them is a Lua script, so it is atomic::
+
+    meta                   hash: mode, producers expected, ended
+    producers              hash: producer -> its lease key;  closed: set of producers
+    groups                 hash: group -> the lease key its items live by
+    q:<group>              list: queued messages (pushed left, taken right); END once ended
+    p:<group>:<consumer>   list: taken, not yet acked (BLMOVE from the queue: reliable queue)
+    consumers:<group>      hash: consumer -> its lease key
+    inflight               hash: <group> -> unacked messages, <group>:b -> their bytes
+
+A message is ``<name>|<nbytes>|<payload>``. The work group's items live by the ``meta`` key
+(the topic itself); a broadcast group's by its consumer's process lease.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from proxy_patterns.brokers import (
+    Discard,
+    Membership,
+    Mode,
+    StreamEndedError,
+    check_mode,
+    producer_lost,
+)
+from proxy_patterns.records import RefTable
+
+if TYPE_CHECKING:
+    import redis
+
+END = b"~end"
+
+# ARGV[1] is the topic's key prefix in every script. ``finish`` removes the topic once it
+# ended, is drained and nobody consumes it; ``ended`` says whether every producer closed.
+_COMMON = """
+local P = ARGV[1]
+local function ended()
+  local expected = tonumber(redis.call('hget', P .. 'meta', 'producers')) or 1
+  return redis.call('hlen', P .. 'producers') == 0
+    and redis.call('scard', P .. 'closed') >= math.max(expected, 1)
+end
+local function finish()
+  if not ended() then return end
+  local groups = redis.call('hkeys', P .. 'groups')
+  for _, g in ipairs(groups) do
+    if g ~= 'work' then return end
+    if redis.call('llen', P .. 'q:' .. g) > 1 or redis.call('hlen', P .. 'consumers:' .. g) > 0
+    then return end
+  end
+  redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'groups', P .. 'inflight',
+    P .. 'q:work', P .. 'consumers:work')
+end
+local function open(mode, producers)
+  if redis.call('exists', P .. 'meta') == 0 then
+    redis.call('hset', P .. 'meta', 'mode', mode, 'producers', producers)
+    if mode == 'work' then redis.call('hset', P .. 'groups', 'work', P .. 'meta') end
+  end
+  return redis.call('hget', P .. 'meta', 'mode')
+end
+local function discard_group(g, out)
+  for _, key in ipairs({P .. 'q:' .. g, P .. 'p:' .. g .. ':' .. g}) do
+    for _, m in ipairs(redis.call('lrange', key, 0, -1)) do
+      if m ~= '~end' then table.insert(out, m) end
+    end
+    redis.call('del', key)
+  end
+  redis.call('hdel', P .. 'groups', g)
+  redis.call('del', P .. 'consumers:' .. g)
+  redis.call('hdel', P .. 'inflight', g, g .. ':b')
+end
+"""
+# ARGV: prefix, mode, producers, producer, lease
+_ADD_PRODUCER = (
+    _COMMON
+    + """
+local mode = open(ARGV[2], ARGV[3])
+if mode ~= ARGV[2] then return {'mode', mode} end
+if redis.call('scard', P .. 'closed') > 0 and ended() then return {'ended'} end
+redis.call('hset', P .. 'producers', ARGV[4], ARGV[5])
+return {'ok'}
+"""
+)
+# ARGV: prefix, producer
+_REMOVE_PRODUCER = (
+    _COMMON
+    + """
+redis.call('hdel', P .. 'producers', ARGV[2])
+redis.call('sadd', P .. 'closed', ARGV[2])
+if ended() then
+  for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
+    redis.call('lpush', P .. 'q:' .. g, '~end')
+  end
+  finish()
+end
+"""
+)
+# ARGV: prefix, name, nbytes, group1, payload1, ...: returns the payloads whose group is gone
+_PUBLISH = """
+local P = ARGV[1]
+local gone = {}
+for i = 4, #ARGV, 2 do
+  local g = ARGV[i]
+  if redis.call('hexists', P .. 'groups', g) == 1 then
+    redis.call('lpush', P .. 'q:' .. g, ARGV[i + 1])
+    redis.call('hincrby', P .. 'inflight', g, 1)
+    redis.call('hincrby', P .. 'inflight', g .. ':b', ARGV[3])
+  else
+    table.insert(gone, ARGV[i + 1])
+  end
+end
+return gone
+"""
+# ARGV: prefix: removes broadcast groups whose consumer died; returns their messages
+_REMOVE_DEAD_GROUPS = (
+    _COMMON
+    + """
+local out = {}
+local flat = redis.call('hgetall', P .. 'groups')
+for i = 1, #flat, 2 do
+  if flat[i] ~= 'work' and redis.call('exists', flat[i + 1]) == 0 then
+    discard_group(flat[i], out)
+  end
+end
+return out
+"""
+)
+# ARGV: prefix, mode, consumer, lease
+_JOIN = (
+    _COMMON
+    + """
+local mode = open(ARGV[2], 1)
+if mode ~= ARGV[2] then return {'mode', mode} end
+local g = 'work'
+if mode == 'broadcast' then
+  g = ARGV[3]
+  redis.call('hset', P .. 'groups', g, ARGV[4])
+  if redis.call('scard', P .. 'closed') > 0 and ended() then
+    redis.call('lpush', P .. 'q:' .. g, '~end')
+  end
+end
+redis.call('hset', P .. 'consumers:' .. g, ARGV[3], ARGV[4])
+return {'ok', g}
+"""
+)
+# ARGV: prefix, group, consumer, message, nbytes
+_ACK = """
+local P = ARGV[1]
+if redis.call('lrem', P .. 'p:' .. ARGV[2] .. ':' .. ARGV[3], 1, ARGV[4]) == 0 then return 0 end
+redis.call('hincrby', P .. 'inflight', ARGV[2], -1)
+redis.call('hincrby', P .. 'inflight', ARGV[2] .. ':b', -tonumber(ARGV[5]))
+return 1
+"""
+# ARGV: prefix, group: requeues dead consumers' messages; returns a dead producer if the
+# queue is empty
+_RECOVER = """
+local P = ARGV[1]
+local g = ARGV[2]
+local flat = redis.call('hgetall', P .. 'consumers:' .. g)
+for i = 1, #flat, 2 do
+  if redis.call('exists', flat[i + 1]) == 0 then
+    local pending = P .. 'p:' .. g .. ':' .. flat[i]
+    while redis.call('lmove', pending, P .. 'q:' .. g, 'LEFT', 'RIGHT') do end
+    redis.call('hdel', P .. 'consumers:' .. g, flat[i])
+  end
+end
+if redis.call('llen', P .. 'q:' .. g) > 0 then return false end
+flat = redis.call('hgetall', P .. 'producers')
+for i = 1, #flat, 2 do
+  if redis.call('exists', flat[i + 1]) == 0 then return flat[i] end
+end
+return false
+"""
+# ARGV: prefix, group, consumer; returns a broadcast group's messages to discard
+_LEAVE = (
+    _COMMON
+    + """
+local g, c = ARGV[2], ARGV[3]
+local out = {}
+if redis.call('exists', P .. 'meta') == 0 then return out end
+if g == 'work' then
+  local pending = P .. 'p:' .. g .. ':' .. c
+  while redis.call('lmove', pending, P .. 'q:' .. g, 'LEFT', 'RIGHT') do end
+  redis.call('hdel', P .. 'consumers:' .. g, c)
+else
+  discard_group(g, out)
+end
+finish()
+return out
+"""
+)
+
+
+def _payload(message: bytes) -> bytes:
+    return message.split(b"|", 2)[2]
+
+
+class RedisBroker:
+    """A topic's queues as lists in the Redis store's server (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, table: RefTable, topic: str, discard: Discard) -> None:
+        self.client = client
+        self.table = table
+        self.topic = topic
+        self._discard = discard
+        self.prefix = f"proxy-patterns:stream:{topic}:"
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in {
+                "add_producer": _ADD_PRODUCER,
+                "remove_producer": _REMOVE_PRODUCER,
+                "publish": _PUBLISH,
+                "remove_dead_groups": _REMOVE_DEAD_GROUPS,
+                "join": _JOIN,
+                "ack": _ACK,
+                "recover": _RECOVER,
+                "leave": _LEAVE,
+            }.items()
+        }
+
+    def _run(self, script: str, *args: str | bytes | int) -> Any:
+        return self._scripts[script](args=[self.prefix, *args])
+
+    def _opened(self, answer: list[bytes], mode: str) -> list[bytes]:
+        if answer[0] == b"mode":
+            check_mode(self.topic, mode, answer[1].decode())
+        return answer
+
+    def add_producer(self, mode: Mode, producers: int | None) -> str:
+        check_mode(self.topic, mode, mode)
+        name = secrets.token_hex(6)
+        answer = self._run("add_producer", mode, producers or 1, name, self.table.lease())
+        if self._opened(answer, mode)[0] == b"ended":
+            raise StreamEndedError(
+                f"stream {self.topic!r} has ended (all its producers closed) but is not "
+                "drained yet: send to another topic, or pass producers=N to the first "
+                "producer so the stream waits for N"
+            )
+        return name
+
+    def remove_producer(self, producer: str) -> None:
+        self._run("remove_producer", producer)
+
+    def publish(
+        self, name: str, nbytes: int, payloads_for: Callable[[dict[str, str]], dict[str, bytes]]
+    ) -> None:
+        for message in self._run("remove_dead_groups"):
+            self._discard(_payload(message))
+        groups: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}groups")  # type: ignore[assignment]
+        leases = {group.decode(): lease.decode() for group, lease in groups.items()}
+        head = f"{name}|{nbytes}|".encode()
+        args: list[str | bytes | int] = [name, nbytes]
+        for group, payload in payloads_for(leases).items():
+            args += [group, head + payload]
+        for message in self._run("publish", *args):
+            self._discard(_payload(message))  # its group left meanwhile
+
+    def unconsumed(self) -> tuple[int, int]:
+        counts: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}inflight")  # type: ignore[assignment]
+        items = [int(v) for k, v in counts.items() if not k.endswith(b":b")]
+        nbytes = [int(v) for k, v in counts.items() if k.endswith(b":b")]
+        return max(items, default=0), max(nbytes, default=0)
+
+    def join(self, mode: Mode) -> Membership:
+        check_mode(self.topic, mode, mode)
+        consumer = secrets.token_hex(6)
+        answer = self._opened(self._run("join", mode, consumer, self.table.lease()), mode)
+        return Membership(answer[1].decode(), consumer)
+
+    def take(self, member: Membership, timeout: float) -> tuple[bytes, bytes] | None:
+        queue = f"{self.prefix}q:{member.group}"
+        pending = f"{self.prefix}p:{member.group}:{member.consumer}"
+        # Redis takes decimal seconds (redis-py's hint says int); 0 would block for ever.
+        message: bytes | None = self.client.blmove(queue, pending, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type,assignment]
+        if message is None:
+            return None
+        if message == END:  # put back for the group's other consumers, then stop
+            self.client.lmove(pending, queue, "LEFT", "RIGHT")
+            raise StopIteration
+        return message, _payload(message)
+
+    def ack(self, member: Membership, handle: bytes) -> bool:
+        nbytes = handle.split(b"|", 2)[1]
+        return bool(self._run("ack", member.group, member.consumer, handle, nbytes))
+
+    def recover(self, member: Membership) -> None:
+        producer = self._run("recover", member.group)
+        if producer:
+            assert isinstance(producer, bytes)
+            raise producer_lost(self.topic, producer.decode())
+
+    def leave(self, member: Membership) -> None:
+        for message in self._run("leave", member.group, member.consumer):
+            self._discard(_payload(message))
