@@ -42,7 +42,7 @@ from proxystore.store.factory import StoreFactory
 from proxy_patterns.brokers import Broker, Membership, Mode, broker_for
 from proxy_patterns.proxy import OpaqueProxy
 from proxy_patterns.records import ReferenceInvalidError, ref_table_for
-from proxy_patterns.rendezvous import LIVENESS_INTERVAL
+from proxy_patterns.rendezvous import LIVENESS_INTERVAL, ProducerLostError
 from proxy_patterns.serialize import deserialize, dumps
 from proxy_patterns.sizes import as_bytes
 from proxy_patterns.store import get_store, put
@@ -276,6 +276,7 @@ class StreamConsumer(Generic[T]):
         self._member: Membership | None = self._broker.join(mode)
         self._unacked: dict[int, StreamItem[Any]] = {}
         self._dispatched: set[int] = set()  # ids of items handed to tasks
+        self._producer_lost = False
         self._changed = threading.Condition()
 
     def __enter__(self) -> StreamConsumer[T]:
@@ -315,7 +316,11 @@ class StreamConsumer(Generic[T]):
                     f"no item of stream {self.topic!r} came within {self.timeout} s"
                 )
             wait = LIVENESS_INTERVAL if remaining is None else min(remaining, LIVENESS_INTERVAL)
-            taken = self._broker.take(member, wait)
+            try:
+                taken = self._broker.take(member, wait)
+            except ProducerLostError:
+                self._producer_lost = True
+                raise
             if taken is None:
                 self._broker.recover(member)
                 continue
@@ -380,6 +385,10 @@ class StreamConsumer(Generic[T]):
             self._changed.wait_for(lambda: not self._dispatched.intersection(self._unacked))
         member, self._member = self._member, None
         self._broker.leave(member)
+        if self._producer_lost:
+            # An item the lost producer was putting when it died has a record but no message:
+            # held by the stream, it goes once the stream does.
+            ref_table_for(self.store).sweep()
 
     def dispatch(self, submit: Callable[[Any], Any], *, batch_size: int = 1) -> list[Any]:
         """Consume the stream, submitting one task per item (or per ``batch_size`` items, as a

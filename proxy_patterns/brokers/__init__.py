@@ -15,7 +15,8 @@ Every broker has the same model, that of Redis streams and Kafka:
   another consumer gets them: nothing is lost.
 - The stream *ends* once every producer that registered has closed (and as many as a producer
   said to expect); consumers then see the end once the queue is drained. A producer that died
-  without closing ends the stream with :class:`ProducerLostError` instead.
+  without closing counts as closed, and the end is then :class:`ProducerLostError`: every item
+  that was sent is delivered, and nobody waits for ever.
 - A topic is removed once it ended and its queues are drained and no consumer is left: a
   finished stream leaves nothing behind.
 
@@ -99,7 +100,7 @@ class Broker(Protocol):
     def take(self, member: Membership, timeout: float) -> tuple[Any, bytes] | None:
         """The next message for ``member``, as (handle to ack it, payload), now pending;
         None if none came within ``timeout`` seconds. Raises StopIteration once the stream
-        ended and the group's queue is empty."""
+        ended and the group's queue is empty (ProducerLostError if a producer was lost)."""
         ...
 
     def ack(self, member: Membership, handle: Any) -> bool:
@@ -110,8 +111,9 @@ class Broker(Protocol):
 
     def recover(self, member: Membership) -> None:
         """Give the pending messages of dead consumers of ``member``'s group back to the
-        group's queue. Raises ProducerLostError if a producer died without closing and the
-        queue is empty."""
+        group's queue, and count dead producers as lost: the stream ends once every producer
+        closed or was lost, and :meth:`take` then raises ProducerLostError, not
+        StopIteration."""
         ...
 
     def leave(self, member: Membership) -> None:

@@ -4,7 +4,8 @@ A topic is a handful of keys (``proxy-patterns:stream:<topic>:…``) beside the 
 every step that touches more than one of them is a Lua script, so it is atomic::
 
     meta                   hash: mode, producers expected, ended
-    producers              hash: producer -> its lease key;  closed: set of producers
+    producers              hash: producer -> its lease key
+    closed, lost           sets: producers that closed, and that a consumer found dead
     groups                 hash: group -> the lease key its items live by
     q:<group>              list: queued messages (pushed left, taken right); END once ended
     p:<group>:<consumer>   list: taken, not yet acked (BLMOVE from the queue: reliable queue)
@@ -41,9 +42,9 @@ END = b"~end"
 _COMMON = """
 local P = ARGV[1]
 local function ended()
-  local expected = tonumber(redis.call('hget', P .. 'meta', 'producers')) or 1
-  return redis.call('hlen', P .. 'producers') == 0
-    and redis.call('scard', P .. 'closed') >= math.max(expected, 1)
+  local expected = math.max(tonumber(redis.call('hget', P .. 'meta', 'producers')) or 1, 1)
+  local done = redis.call('scard', P .. 'closed') + redis.call('scard', P .. 'lost')
+  return redis.call('hlen', P .. 'producers') == 0 and done >= expected
 end
 local function finish()
   if not ended() then return end
@@ -53,8 +54,15 @@ local function finish()
     if redis.call('llen', P .. 'q:' .. g) > 1 or redis.call('hlen', P .. 'consumers:' .. g) > 0
     then return end
   end
-  redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'groups', P .. 'inflight',
-    P .. 'q:work', P .. 'consumers:work')
+  redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'lost', P .. 'groups',
+    P .. 'inflight', P .. 'q:work', P .. 'consumers:work')
+end
+local function end_if_ended()
+  if not ended() then return end
+  for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
+    redis.call('lpush', P .. 'q:' .. g, '~end')
+  end
+  finish()
 end
 local function open(mode, producers)
   if redis.call('exists', P .. 'meta') == 0 then
@@ -81,7 +89,9 @@ _ADD_PRODUCER = (
     + """
 local mode = open(ARGV[2], ARGV[3])
 if mode ~= ARGV[2] then return {'mode', mode} end
-if redis.call('scard', P .. 'closed') > 0 and ended() then return {'ended'} end
+if ended() then return {'ended'} end
+local expected = tonumber(redis.call('hget', P .. 'meta', 'producers')) or 0
+if tonumber(ARGV[3]) > expected then redis.call('hset', P .. 'meta', 'producers', ARGV[3]) end
 redis.call('hset', P .. 'producers', ARGV[4], ARGV[5])
 return {'ok'}
 """
@@ -92,12 +102,7 @@ _REMOVE_PRODUCER = (
     + """
 redis.call('hdel', P .. 'producers', ARGV[2])
 redis.call('sadd', P .. 'closed', ARGV[2])
-if ended() then
-  for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
-    redis.call('lpush', P .. 'q:' .. g, '~end')
-  end
-  finish()
-end
+end_if_ended()
 """
 )
 # ARGV: prefix, name, nbytes, group1, payload1, ...: returns the payloads whose group is gone
@@ -134,15 +139,13 @@ return out
 _JOIN = (
     _COMMON
     + """
-local mode = open(ARGV[2], 1)
+local mode = open(ARGV[2], 0)
 if mode ~= ARGV[2] then return {'mode', mode} end
 local g = 'work'
 if mode == 'broadcast' then
   g = ARGV[3]
   redis.call('hset', P .. 'groups', g, ARGV[4])
-  if redis.call('scard', P .. 'closed') > 0 and ended() then
-    redis.call('lpush', P .. 'q:' .. g, '~end')
-  end
+  if ended() then redis.call('lpush', P .. 'q:' .. g, '~end') end
 end
 redis.call('hset', P .. 'consumers:' .. g, ARGV[3], ARGV[4])
 return {'ok', g}
@@ -156,10 +159,11 @@ redis.call('hincrby', P .. 'inflight', ARGV[2], -1)
 redis.call('hincrby', P .. 'inflight', ARGV[2] .. ':b', -tonumber(ARGV[5]))
 return 1
 """
-# ARGV: prefix, group: requeues dead consumers' messages; returns a dead producer if the
-# queue is empty
-_RECOVER = """
-local P = ARGV[1]
+# ARGV: prefix, group: gives dead consumers' messages back to the queue, and counts dead
+# producers as lost (so the stream ends, with an error, once every producer closed or died)
+_RECOVER = (
+    _COMMON
+    + """
 local g = ARGV[2]
 local flat = redis.call('hgetall', P .. 'consumers:' .. g)
 for i = 1, #flat, 2 do
@@ -169,13 +173,18 @@ for i = 1, #flat, 2 do
     redis.call('hdel', P .. 'consumers:' .. g, flat[i])
   end
 end
-if redis.call('llen', P .. 'q:' .. g) > 0 then return false end
 flat = redis.call('hgetall', P .. 'producers')
+local lost = false
 for i = 1, #flat, 2 do
-  if redis.call('exists', flat[i + 1]) == 0 then return flat[i] end
+  if redis.call('exists', flat[i + 1]) == 0 then
+    redis.call('hdel', P .. 'producers', flat[i])
+    redis.call('sadd', P .. 'lost', flat[i])
+    lost = true
+  end
 end
-return false
+if lost then end_if_ended() end
 """
+)
 # ARGV: prefix, group, consumer; returns a broadcast group's messages to discard
 _LEAVE = (
     _COMMON
@@ -234,7 +243,7 @@ class RedisBroker:
     def add_producer(self, mode: Mode, producers: int | None) -> str:
         check_mode(self.topic, mode, mode)
         name = secrets.token_hex(6)
-        answer = self._run("add_producer", mode, producers or 1, name, self.table.lease())
+        answer = self._run("add_producer", mode, producers or 0, name, self.table.lease())
         if self._opened(answer, mode)[0] == b"ended":
             raise StreamEndedError(
                 f"stream {self.topic!r} has ended (all its producers closed) but is not "
@@ -281,6 +290,9 @@ class RedisBroker:
             return None
         if message == END:  # put back for the group's other consumers, then stop
             self.client.lmove(pending, queue, "LEFT", "RIGHT")
+            lost: list[bytes] = self.client.smembers(f"{self.prefix}lost")  # type: ignore[assignment]
+            if lost:
+                raise producer_lost(self.topic, min(lost).decode())
             raise StopIteration
         return message, _payload(message)
 
@@ -289,10 +301,7 @@ class RedisBroker:
         return bool(self._run("ack", member.group, member.consumer, handle, nbytes))
 
     def recover(self, member: Membership) -> None:
-        producer = self._run("recover", member.group)
-        if producer:
-            assert isinstance(producer, bytes)
-            raise producer_lost(self.topic, producer.decode())
+        self._run("recover", member.group)
 
     def leave(self, member: Membership) -> None:
         for message in self._run("leave", member.group, member.consumer):

@@ -5,7 +5,8 @@ store). Each message is a small file; every step is one atomic rename, so proces
 server to agree on who got what::
 
     mode                         {"mode": ..., "producers": N}
-    producers/<producer>         its lease; renamed to closed/<producer> by close()
+    producers/<producer>         its lease; renamed to closed/<producer> by close(), or to
+                                 lost/<producer> by a consumer that found it dead
     groups/<group>/lease         the lease that keeps the group's items alive
     groups/<group>/consumers/<c> a consumer's lease
     groups/<group>/q/<message>   queued; ``~end`` once the stream ended
@@ -29,6 +30,7 @@ import secrets
 import select
 import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from proxy_patterns.brokers import (
     WORK_GROUP,
@@ -131,7 +133,7 @@ class SharedMemoryBroker:
         os.mkdir(tmp, 0o700)
         try:
             _write(os.path.join(tmp, "mode"), json.dumps({"mode": mode, "producers": producers}))
-            for sub in ("producers", "closed", "groups"):
+            for sub in ("producers", "closed", "lost", "groups"):
                 os.mkdir(os.path.join(tmp, sub), 0o700)
             if mode == WORK_GROUP:
                 self._make_group(os.path.join(tmp, "groups", WORK_GROUP), self.lease)
@@ -151,7 +153,7 @@ class SharedMemoryBroker:
     @contextlib.contextmanager
     def _locked(
         self, mode: Mode | None = None, producers: int | None = None, shared: bool = False
-    ) -> Iterator[dict[str, object]]:
+    ) -> Iterator[dict[str, Any]]:
         """The topic, locked; created first if ``mode`` is given. Yields its settings."""
         while True:
             if mode is not None and not os.path.isdir(self.path):
@@ -179,13 +181,21 @@ class SharedMemoryBroker:
     def _group(self, group: str, *parts: str) -> str:
         return os.path.join(self.path, "groups", group, *parts)
 
-    def _ended(self, settings: dict[str, object]) -> bool:
-        closed = len(_listdir(os.path.join(self.path, "closed")))
+    def _ended(self, settings: dict[str, Any]) -> bool:
+        """Whether every producer closed (or died), and as many as the first one expected."""
+        done = len(_listdir(os.path.join(self.path, "closed")))
+        done += len(_listdir(os.path.join(self.path, "lost")))
         expected = settings.get("producers") or 1
-        assert isinstance(expected, int)
-        return not _listdir(os.path.join(self.path, "producers")) and closed >= expected
+        return not _listdir(os.path.join(self.path, "producers")) and done >= expected
 
-    def _remove_if_finished(self, settings: dict[str, object]) -> None:
+    def _end_if_ended(self, settings: dict[str, Any]) -> None:
+        """Once the stream ended, say so in every group's queue (and remove it if finished)."""
+        if self._ended(settings):
+            for group in _listdir(os.path.join(self.path, "groups")):
+                _write(self._group(group, "q", END), b"")
+            self._remove_if_finished(settings)
+
+    def _remove_if_finished(self, settings: dict[str, Any]) -> None:
         """Remove the topic once it ended, its queues are drained and nobody consumes."""
         if not self._ended(settings):
             return
@@ -201,12 +211,15 @@ class SharedMemoryBroker:
 
     def add_producer(self, mode: Mode, producers: int | None) -> str:
         with self._locked(mode, producers) as settings:
-            if _listdir(os.path.join(self.path, "closed")) and self._ended(settings):
+            if self._ended(settings):
                 raise StreamEndedError(
                     f"stream {self.topic!r} has ended (all its producers closed) but is not "
                     "drained yet: send to another topic, or pass producers=N to the first "
                     "producer so the stream waits for N"
                 )
+            if producers is not None and producers > (settings.get("producers") or 0):
+                settings["producers"] = producers  # the topic was made by a consumer
+                _write(os.path.join(self.path, "mode"), json.dumps(settings))
             name = secrets.token_hex(6)
             _write(os.path.join(self.path, "producers", name), self.table.lease())
             return name
@@ -217,10 +230,7 @@ class SharedMemoryBroker:
                 os.path.join(self.path, "producers", producer),
                 os.path.join(self.path, "closed", producer),
             )
-            if self._ended(settings):
-                for group in _listdir(os.path.join(self.path, "groups")):
-                    _write(self._group(group, "q", END), b"")
-                self._remove_if_finished(settings)
+            self._end_if_ended(settings)
 
     def publish(
         self, name: str, nbytes: int, payloads_for: Callable[[dict[str, str]], dict[str, bytes]]
@@ -275,7 +285,7 @@ class SharedMemoryBroker:
             group = WORK_GROUP if mode == WORK_GROUP else consumer
             if group != WORK_GROUP:
                 self._make_group(self._group(group), self.table.lease())
-                if self._ended(settings) and _listdir(os.path.join(self.path, "closed")):
+                if self._ended(settings):
                     _write(self._group(group, "q", END), b"")
             _write(self._group(group, "consumers", consumer), self.table.lease())
         member = Membership(group, consumer)
@@ -298,6 +308,9 @@ class SharedMemoryBroker:
                 assert payload is not None
                 return taken, payload
             if END in names:
+                lost = _listdir(os.path.join(self.path, "lost"))
+                if lost:
+                    raise producer_lost(self.topic, lost[0])
                 raise StopIteration
             if attempt == 0:
                 self._watches[member].wait(timeout)
@@ -319,11 +332,21 @@ class SharedMemoryBroker:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(consumers, consumer))
         producers = os.path.join(self.path, "producers")
-        for producer in _listdir(producers):
-            lease = _read(os.path.join(producers, producer))
-            dead = lease is not None and not self.table.lease_alive(lease)
-            if dead and not _listdir(self._group(member.group, "q")):
-                raise producer_lost(self.topic, producer)
+        dead = [
+            producer
+            for producer in _listdir(producers)
+            if (lease := _read(os.path.join(producers, producer))) is not None
+            and not self.table.lease_alive(lease)
+        ]
+        if dead:  # counted as closed, so the stream ends, with an error, once they all are
+            with self._locked() as settings:
+                for producer in dead:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(
+                            os.path.join(producers, producer),
+                            os.path.join(self.path, "lost", producer),
+                        )
+                self._end_if_ended(settings)
 
     def _requeue(self, group: str, consumer: str) -> None:
         pending = self._group(group, "pending")
