@@ -36,11 +36,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from proxystore.proxy import extract
 from proxystore.store import Store
 from proxystore.store.factory import StoreFactory
 
-from proxy_patterns.brokers import Broker, Membership, Mode, broker_for
-from proxy_patterns.proxy import OpaqueProxy
+from proxy_patterns.brokers import Broker, Membership, Mode, StreamEndedError, broker_for
+from proxy_patterns.proxy import OpaqueProxy, is_proxy
 from proxy_patterns.records import ReferenceInvalidError, ref_table_for
 from proxy_patterns.rendezvous import LIVENESS_INTERVAL, ProducerLostError
 from proxy_patterns.serialize import deserialize, dumps
@@ -48,6 +49,18 @@ from proxy_patterns.sizes import as_bytes
 from proxy_patterns.store import get_store, put
 
 T = TypeVar("T")
+
+__all__ = [
+    "Mode",
+    "ProducerLostError",
+    "StreamConsumer",
+    "StreamEndedError",
+    "StreamFullError",
+    "StreamItem",
+    "StreamProducer",
+    "StreamTimeoutError",
+    "delete_stream",
+]
 
 DEFAULT_THRESHOLD = "64 KiB"
 """Items larger than this (serialized) go to the store; smaller ones through the broker."""
@@ -296,10 +309,8 @@ class StreamConsumer(Generic[T]):
 
     def next_object(self) -> T:
         """The next item, resolved (the object itself, zero-copy from shared memory)."""
-        value = self.next_item().value
-        if isinstance(value, OpaqueProxy):
-            return value.__wrapped__  # type: ignore[no-any-return]
-        return value
+        value: Any = self.next_item().value
+        return extract(value) if is_proxy(value) else value  # type: ignore[no-any-return]
 
     def next_item(self) -> StreamItem[T]:
         """The next item with its metadata (raises StopIteration at the stream's end)."""
@@ -446,3 +457,11 @@ class StreamConsumer(Generic[T]):
         if batch:
             submit_batch(batch)
         return futures
+
+
+def delete_stream(topic: str, store: Store[Any] | None = None) -> None:
+    """Remove ``topic`` whatever its state, releasing every item still queued or pending:
+    a stream left behind by a crashed run, which a new producer refuses to reopen while it has
+    items (see :class:`StreamEndedError`). Its producers and consumers must be gone."""
+    store = store or get_store()
+    _broker(store, topic).delete()

@@ -121,6 +121,10 @@ class Broker(Protocol):
         a broadcast group, the group goes (its messages to ``discard``)."""
         ...
 
+    def delete(self) -> None:
+        """Remove the topic whatever its state, its messages to ``discard``."""
+        ...
+
 
 def broker_for(store: Store[Any], topic: str, discard: Discard) -> Broker:
     """The broker of ``topic`` on ``store``: in its shared memory, or in its Redis server."""
@@ -136,6 +140,15 @@ def broker_for(store: Store[Any], topic: str, discard: Discard) -> Broker:
 
         return RedisBroker(client, table, topic, discard)
     raise TypeError(f"streams need a shared-memory or Redis store, not {type(connector).__name__}")
+
+
+def stream_ended(topic: str) -> StreamEndedError:
+    """The error a producer joining an ended, not yet drained stream gets."""
+    return StreamEndedError(
+        f"stream {topic!r} has ended (all its producers closed) but is not drained: consume "
+        "it, or discard it with proxy_patterns.streams.delete_stream(topic, store); to have "
+        "a stream wait for producers that open late, pass producers=N to the first producer"
+    )
 
 
 def check_mode(topic: str, mode: str, existing: str) -> None:

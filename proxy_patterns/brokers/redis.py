@@ -26,9 +26,9 @@ from proxy_patterns.brokers import (
     Discard,
     Membership,
     Mode,
-    StreamEndedError,
     check_mode,
     producer_lost,
+    stream_ended,
 )
 from proxy_patterns.records import RefTable
 
@@ -203,6 +203,23 @@ finish()
 return out
 """
 )
+# ARGV: prefix: removes the topic; returns every message it held
+_DELETE = (
+    _COMMON
+    + """
+local out = {}
+for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
+  for _, c in ipairs(redis.call('hkeys', P .. 'consumers:' .. g)) do
+    local pending = P .. 'p:' .. g .. ':' .. c
+    while redis.call('lmove', pending, P .. 'q:' .. g, 'LEFT', 'RIGHT') do end
+  end
+  discard_group(g, out)
+end
+redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'lost', P .. 'groups',
+  P .. 'inflight')
+return out
+"""
+)
 
 
 def _payload(message: bytes) -> bytes:
@@ -229,6 +246,7 @@ class RedisBroker:
                 "ack": _ACK,
                 "recover": _RECOVER,
                 "leave": _LEAVE,
+                "delete": _DELETE,
             }.items()
         }
 
@@ -245,11 +263,7 @@ class RedisBroker:
         name = secrets.token_hex(6)
         answer = self._run("add_producer", mode, producers or 0, name, self.table.lease())
         if self._opened(answer, mode)[0] == b"ended":
-            raise StreamEndedError(
-                f"stream {self.topic!r} has ended (all its producers closed) but is not "
-                "drained yet: send to another topic, or pass producers=N to the first "
-                "producer so the stream waits for N"
-            )
+            raise stream_ended(self.topic)
         return name
 
     def remove_producer(self, producer: str) -> None:
@@ -305,4 +319,8 @@ class RedisBroker:
 
     def leave(self, member: Membership) -> None:
         for message in self._run("leave", member.group, member.consumer):
+            self._discard(_payload(message))
+
+    def delete(self) -> None:
+        for message in self._run("delete"):
             self._discard(_payload(message))

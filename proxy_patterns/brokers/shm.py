@@ -37,9 +37,9 @@ from proxy_patterns.brokers import (
     Discard,
     Membership,
     Mode,
-    StreamEndedError,
     check_mode,
     producer_lost,
+    stream_ended,
 )
 from proxy_patterns.records import RefTable
 from proxy_patterns.shm import (
@@ -212,11 +212,7 @@ class SharedMemoryBroker:
     def add_producer(self, mode: Mode, producers: int | None) -> str:
         with self._locked(mode, producers) as settings:
             if self._ended(settings):
-                raise StreamEndedError(
-                    f"stream {self.topic!r} has ended (all its producers closed) but is not "
-                    "drained yet: send to another topic, or pass producers=N to the first "
-                    "producer so the stream waits for N"
-                )
+                raise stream_ended(self.topic)
             if producers is not None and producers > (settings.get("producers") or 0):
                 settings["producers"] = producers  # the topic was made by a consumer
                 _write(os.path.join(self.path, "mode"), json.dumps(settings))
@@ -368,6 +364,15 @@ class SharedMemoryBroker:
                 self._remove_if_finished(settings)
         except FileNotFoundError:
             pass  # the topic is gone already
+
+    def delete(self) -> None:
+        try:
+            with self._locked():
+                for group in _listdir(os.path.join(self.path, "groups")):
+                    self._remove_group(group)
+                shutil.rmtree(self.path, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # no such topic
 
 
 def _read_bytes(path: str) -> bytes | None:
