@@ -138,6 +138,11 @@ class ProxyFuture(Generic[T]):
         """The store key the value will have."""
         return self._factory.key
 
+    @property
+    def store(self) -> Store[Any]:
+        """The store the value will be in (re-created in a process that received the future)."""
+        return self._factory.store()
+
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<ProxyFuture {self.key} {state}>"
@@ -156,6 +161,18 @@ class ProxyFuture(Generic[T]):
         self._release = None
         if not self.done():
             self._rendezvous.claim(self.key)
+
+    def unowned(self) -> ProxyFuture[T]:
+        """This future as another process receives it: the same value, holding no reference
+        to it (and claiming it for this process).
+
+        For a framework that keeps what it is handed (task arguments, kept until it forgets
+        them): handed this, it does not keep the value alive; this future, or whatever else
+        holds the key, decides when the value goes. Its :meth:`proxy` likewise.
+        """
+        handle: ProxyFuture[T] = ProxyFuture.__new__(ProxyFuture)
+        handle.__setstate__(self.__getstate__())
+        return handle
 
     def proxy(self) -> OpaqueProxy[T]:
         """A proxy of the value: resolving it waits for the value (or raises its exception).

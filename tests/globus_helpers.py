@@ -321,6 +321,7 @@ def htex_engine(workers: int = 2) -> GlobusComputeEngine:
     return GlobusComputeEngine(
         address="127.0.0.1",
         max_workers_per_node=workers,
+        cores_per_worker=0.1,  # HTEX starts no more workers than cores allow otherwise
         provider=LocalProvider(  # type: ignore[no-untyped-call]
             init_blocks=1,
             min_blocks=1,
