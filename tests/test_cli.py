@@ -80,6 +80,23 @@ def test_bench_parsl_compares_plain_proxied_htex_and_the_dask_plugin() -> None:
     assert "goal: proxied HTEX within 1.5x of the Dask plugin on b:" in output
 
 
+def test_bench_streaming_runs_both_modes_on_both_frameworks_and_leaves_no_keys(
+    tmp_path: Path,
+) -> None:
+    plot = tmp_path / "streaming.png"
+    output = _run("bench", "streaming", "--quick", "--plot", str(plot))
+    rows = {(row[0], row[2]): row for row in _table_rows(output)}
+    assert set(rows) == {("Dask", "10 kB"), ("Parsl", "1 MB"), ("Dask", "50 MB")}
+    default, proxies, keys_left = 3, 4, 8  # columns: tasks/s of each mode, keys left
+    for row in rows.values():
+        assert float(row[default]) > 0 and float(row[proxies]) > 0
+        assert row[keys_left] == "0"
+    # 50 MB by value through the queue and the scheduler cannot keep up with 2 workers.
+    assert float(rows[("Dask", "50 MB")][proxies]) > 1.5 * float(rows[("Dask", "50 MB")][default])
+    assert "goal: 0 keys left in the store after each streamed run: 0 [met]" in output
+    assert plot.stat().st_size > 10_000
+
+
 def test_unknown_benchmark_is_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", "bench", "nope"], capture_output=True, text=True

@@ -10,6 +10,7 @@ BENCHMARKS = {
     "pipelining": "proxy_patterns.bench.pipelining",
     "memory": "proxy_patterns.bench.memory",
     "parsl": "proxy_patterns.bench.parsl_plugin",
+    "streaming": "proxy_patterns.bench.streaming",
 }
 
 

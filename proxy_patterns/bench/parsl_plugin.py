@@ -127,7 +127,7 @@ class PeakRSS:
         return int(self.peak - self.base)
 
 
-def _put_interpreter_scripts_on_path() -> None:
+def put_interpreter_scripts_on_path() -> None:
     """HTEX starts ``interchange.py`` and ``process_worker_pool.py`` from ``PATH``: when this
     runs as ``venv/bin/proxy-patterns`` without the virtualenv activated, they are found only
     beside the interpreter."""
@@ -145,7 +145,7 @@ def measure(mode: str, nbytes: int, store: str) -> dict[str, tuple[float, int]]:
 
     from proxy_patterns.plugins.parsl import proxied
 
-    _put_interpreter_scripts_on_path()
+    put_interpreter_scripts_on_path()
     htex = HighThroughputExecutor(
         label="htex",
         address="127.0.0.1",
