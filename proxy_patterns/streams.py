@@ -401,17 +401,27 @@ class StreamConsumer(Generic[T]):
             # held by the stream, it goes once the stream does.
             ref_table_for(self.store).sweep()
 
-    def dispatch(self, submit: Callable[[Any], Any], *, batch_size: int = 1) -> list[Any]:
+    def dispatch(
+        self,
+        submit: Callable[[Any], Any],
+        *,
+        batch_size: int = 1,
+        on_done: Callable[[Any], object] | None = None,
+    ) -> int:
         """Consume the stream, submitting one task per item (or per ``batch_size`` items, as a
-        list), and return the tasks' futures once the stream has ended.
+        list); return how many tasks ran, once the stream has ended and they are all done.
 
         ``submit(value)`` starts a task and returns its future, which must have
         ``add_done_callback`` (as Dask's, Parsl's and ``concurrent.futures``' do):
         ``functools.partial(client.submit, fn)`` on a Dask client, a Parsl app itself, or an
-        executor's ``submit`` with the function bound. Each item is acked when its task is
-        done, so its data lives exactly as long as the task needs it, and ``max_in_flight``
-        bounds the tasks in flight. The dispatcher never resolves an item: only proxies pass
-        through it. Pick items with the consumer's ``filter``.
+        executor's ``submit`` with the function bound. ``on_done(future)`` is called with each
+        future as its task finishes (to gather results, or send them on a stream).
+
+        Each item is acked when its task is done, so its data lives exactly as long as the task
+        needs it, and ``max_in_flight`` bounds the tasks in flight. A future is kept only while
+        its task runs: a framework keeps a task's arguments (a Dask worker, the item's mapping)
+        while its future lives, and a stream may never end. The dispatcher never resolves an
+        item: only proxies pass through it. Pick items with the consumer's ``filter``.
         """
         if self.auto_ack:
             raise ValueError(
@@ -420,18 +430,26 @@ class StreamConsumer(Generic[T]):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        futures: list[Any] = []
+        running: dict[int, Any] = {}  # futures of tasks not done yet
+        errors: list[BaseException] = []
+        submitted = 0
 
         def submit_batch(batch: list[StreamItem[Any]]) -> None:
             ids = [id(item) for item in batch]
             with self._changed:
                 self._dispatched.update(ids)
 
-            def settle(_: object) -> None:
+            def settle(future: Any) -> None:
+                try:
+                    if on_done is not None:
+                        on_done(future)
+                except BaseException as error:  # raised by dispatch, once every task is done
+                    errors.append(error)
                 for item in batch:
                     item.ack()
                 with self._changed:
                     self._dispatched.difference_update(ids)
+                    running.pop(id(future), None)
                     self._changed.notify_all()
 
             values = [item.value for item in batch]
@@ -441,9 +459,9 @@ class StreamConsumer(Generic[T]):
                 with self._changed:  # not acked: close() gives them back to the queue
                     self._dispatched.difference_update(ids)
                 raise
-
+            with self._changed:
+                running[id(future)] = future
             future.add_done_callback(settle)
-            futures.append(future)
 
         batch: list[StreamItem[Any]] = []
         while True:
@@ -453,11 +471,16 @@ class StreamConsumer(Generic[T]):
                 break
             if len(batch) == batch_size:
                 submit_batch(batch)
+                submitted += 1
                 batch = []
         if batch:
             submit_batch(batch)
-        return futures
-
+            submitted += 1
+        with self._changed:
+            self._changed.wait_for(lambda: not running)
+        if errors:
+            raise errors[0]
+        return submitted
 
 def delete_stream(topic: str, store: Store[Any] | None = None) -> None:
     """Remove ``topic`` whatever its state, releasing every item still queued or pending:
