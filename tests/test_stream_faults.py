@@ -1,0 +1,85 @@
+"""Streams whose producers or consumers are SIGKILLed, on both brokers: nothing is lost, a
+consumer sees a lost producer as an error, not a hang, and the store ends empty.
+
+On Redis a dead process is seen once its lease expires (``rendezvous.LEASE``, 5 s); on shared
+memory at once. Every consumer in the test's process has a ``timeout``, so a bug fails a test
+rather than hangs it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from proxystore.store import Store
+from stream_helpers import Children, checked, item, items, new_topic, send_and_hang, take_and_hang
+
+from proxy_patterns.rendezvous import ProducerLostError
+from proxy_patterns.streams import StreamConsumer, StreamProducer
+
+pytestmark = [
+    pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True),
+    pytest.mark.timeout(120),
+]
+
+N = 10
+TAKEN = 3
+"""Items the consumer that is killed holds, un-acked."""
+
+
+def _send(producer: StreamProducer[np.ndarray], indexes: range) -> None:
+    for i in indexes:
+        producer.send(item(i), metadata={"producer": "test", "i": i})
+
+
+@pytest.mark.parametrize("killed", ["mid-stream", "after-the-end"])
+def test_a_killed_consumers_items_go_to_another_consumer(
+    store_spec: str, store: Store[Any], children: Children, killed: str
+) -> None:
+    """A work-mode consumer holding un-acked items is SIGKILLed, while the producer still
+    sends or after it closed: another consumer gets every item once, and nothing stays."""
+    topic = new_topic()
+    producer = StreamProducer[np.ndarray](topic, store)
+    _send(producer, range(N))
+    took = children.queue()
+    doomed = children.start(take_and_hang, store_spec, topic, TAKEN, took)
+    taken = took.get(timeout=60)
+    assert len(taken) == TAKEN
+    if killed == "after-the-end":
+        producer.close()
+    doomed.kill()
+    survivor = StreamConsumer[Any](topic, store, timeout=30)
+    got = [checked(survivor.next_item()) for _ in range(N)]
+    assert sorted(got) == [("test", i) for i in range(N)]
+    assert set(taken) <= set(got)
+    if killed == "mid-stream":
+        _send(producer, range(N, N + 2))
+        producer.close()
+        got += [checked(item) for item in items(survivor)]
+        assert sorted(got) == [("test", i) for i in range(N + 2)]
+    else:
+        with pytest.raises(StopIteration):
+            survivor.next_item()
+    survivor.close()
+
+
+def test_a_killed_producer_is_an_error_for_consumers_not_a_hang(
+    store_spec: str, store: Store[Any], children: Children
+) -> None:
+    """Consumers get every item the producer sent, then ProducerLostError naming the stream;
+    and the stream, which can never end normally, leaves nothing once they left."""
+    topic = new_topic()
+    consumer = StreamConsumer[Any](topic, store, timeout=30)
+    sent = children.event()
+    doomed = children.start(send_and_hang, store_spec, topic, N, sent)
+    assert sent.wait(60)
+    doomed.kill()
+    got = [checked(consumer.next_item()) for _ in range(N)]
+    assert got == [("doomed", i) for i in range(N)]
+    start = time.monotonic()
+    with pytest.raises(ProducerLostError, match=f"of stream '{topic}' died without closing it"):
+        consumer.next_item()
+    assert time.monotonic() - start < 15  # measured: 0.5 s on shared memory, 5 s on Redis
+    consumer.close()
