@@ -17,7 +17,13 @@ from proxystore.store import Store
 from stream_helpers import Children, checked, item, items, new_topic, send_and_hang, take_and_hang
 
 from proxy_patterns.rendezvous import ProducerLostError
-from proxy_patterns.streams import StreamConsumer, StreamProducer
+from proxy_patterns.store import count_entries
+from proxy_patterns.streams import (
+    StreamConsumer,
+    StreamEndedError,
+    StreamProducer,
+    delete_stream,
+)
 
 pytestmark = [
     pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True),
@@ -83,3 +89,26 @@ def test_a_killed_producer_is_an_error_for_consumers_not_a_hang(
         consumer.next_item()
     assert time.monotonic() - start < 15  # measured: 0.5 s on shared memory, 5 s on Redis
     consumer.close()
+
+
+def test_delete_stream_discards_what_a_crashed_run_left(
+    store_spec: str, store: Store[Any], children: Children
+) -> None:
+    """A run ended its stream, and its consumer died holding items: a new run's producer is
+    refused, with the way out in the message; ``delete_stream`` releases every item, queued
+    or pending, and the topic starts again."""
+    topic = new_topic()
+    with StreamProducer[np.ndarray](topic, store) as producer:
+        _send(producer, range(N))
+    took = children.queue()
+    doomed = children.start(take_and_hang, store_spec, topic, TAKEN, took)
+    assert len(took.get(timeout=60)) == TAKEN
+    doomed.kill()
+    with pytest.raises(StreamEndedError, match="delete_stream"):
+        StreamProducer[np.ndarray](topic, store)
+    delete_stream(topic, store)
+    assert count_entries(store) == 0
+    with StreamProducer[np.ndarray](topic, store) as producer:
+        _send(producer, range(2))
+    with StreamConsumer[Any](topic, store, timeout=10) as consumer:
+        assert [checked(got) for got in items(consumer)] == [("test", 0), ("test", 1)]

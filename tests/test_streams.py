@@ -36,7 +36,6 @@ from stream_helpers import (
 )
 
 from parsl_helpers import HTEX, stream_item_app
-from proxy_patterns.brokers import StreamEndedError
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.plugins.dask import register, unregister
 from proxy_patterns.proxy import is_proxy, key_of
@@ -44,6 +43,7 @@ from proxy_patterns.serialize import dumps
 from proxy_patterns.store import count_entries, entries_left_after_eviction
 from proxy_patterns.streams import (
     StreamConsumer,
+    StreamEndedError,
     StreamFullError,
     StreamProducer,
     StreamTimeoutError,
