@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from proxystore.store import Store, unregister_store
-from stream_helpers import Children
 
 from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_entries, get_store, redis_client_of
+from stream_helpers import Children
 
 # Test modules load globus_helpers' fixtures with `pytest_plugins` after importing its names:
 # marked here, it is still imported with pytest's assertion rewriting.

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from proxystore.store import Store
-from stream_helpers import Children, checked, item, items, new_topic, send_and_hang, take_and_hang
 
 from proxy_patterns.rendezvous import ProducerLostError
 from proxy_patterns.store import count_entries
@@ -24,6 +23,7 @@ from proxy_patterns.streams import (
     StreamProducer,
     delete_stream,
 )
+from stream_helpers import Children, checked, item, items, new_topic, send_and_hang, take_and_hang
 
 pytestmark = [
     pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True),

@@ -22,18 +22,6 @@ from parsl.dataflow.dflow import DataFlowKernel
 from parsl.providers import LocalProvider
 from proxystore.proxy import extract, is_resolved
 from proxystore.store import Store
-from stream_helpers import (
-    Children,
-    checked,
-    consume,
-    consume_holding,
-    is_large,
-    item,
-    items,
-    items_stored,
-    new_topic,
-    produce,
-)
 
 from parsl_helpers import HTEX, stream_item_app
 from proxy_patterns.futures import ProxyFuture
@@ -47,6 +35,18 @@ from proxy_patterns.streams import (
     StreamFullError,
     StreamProducer,
     StreamTimeoutError,
+)
+from stream_helpers import (
+    Children,
+    checked,
+    consume,
+    consume_holding,
+    is_large,
+    item,
+    items,
+    items_stored,
+    new_topic,
+    produce,
 )
 
 pytestmark = [
