@@ -19,8 +19,9 @@ import numpy as np
 from proxystore.store import Store
 
 from proxy_patterns.brokers import Mode
+from proxy_patterns.liveness import start_time
 from proxy_patterns.proxy import is_proxy
-from proxy_patterns.store import count_objects, get_store, redis_client_of
+from proxy_patterns.store import LEASE_PREFIX, count_objects, get_store, redis_client_of
 from proxy_patterns.streams import StreamConsumer, StreamItem, StreamProducer
 
 LARGE_FLOATS = 50_000
@@ -92,6 +93,9 @@ class Child:
         self.process = _spawn.Process(target=_report, args=(child_end, fn, args), daemon=True)
         self.process.start()
         child_end.close()
+        assert self.process.pid is not None
+        self.tag = f"{self.process.pid}-{start_time(self.process.pid)}"
+        """The process's :func:`~proxy_patterns.liveness.process_tag`."""
 
     def result(self, timeout: float = 60) -> Any:
         """What ``fn`` returned; AssertionError if it raised, died or took longer."""
@@ -111,6 +115,13 @@ class Child:
         """SIGKILL: the process gets no chance to close anything."""
         self.process.kill()
         self.process.join(30)
+
+
+def seen_dead(store: Store[Any], child: Child) -> bool:
+    """Whether the store sees the killed ``child`` dead: at once on shared memory; on Redis
+    once its lease expired (``rendezvous.LEASE`` seconds after its last renewal)."""
+    client = redis_client_of(store.connector)
+    return client is None or not client.keys(f"{LEASE_PREFIX}{child.tag}-*")
 
 
 class Children:
@@ -215,9 +226,13 @@ def consume_holding(
         return seen
 
 
-def take_and_hang(spec: str, topic: str, count: int, took: Any) -> None:
-    """In work mode, take ``count`` items without acking them, report their ids, and hang:
-    the test kills this process."""
-    consumer = StreamConsumer[Any](topic, get_store(spec), auto_ack=False, timeout=30)
+def take_and_hang(
+    spec: str, topic: str, count: int, took: Any, mode: Mode = "work", subscribed: Any = None
+) -> None:
+    """Take ``count`` items without acking them, report their ids, and hang: the test kills
+    this process. Sets ``subscribed`` once it is."""
+    consumer = StreamConsumer[Any](topic, get_store(spec), mode=mode, auto_ack=False, timeout=30)
+    if subscribed is not None:
+        subscribed.set()
     took.put([checked(consumer.next_item()) for _ in range(count)])
     wait_until_killed()

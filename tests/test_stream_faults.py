@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from proxystore.store import Store
 
+from dask_helpers import wait_until
 from proxy_patterns.rendezvous import ProducerLostError
 from proxy_patterns.store import count_entries
 from proxy_patterns.streams import (
@@ -23,7 +24,16 @@ from proxy_patterns.streams import (
     StreamProducer,
     delete_stream,
 )
-from stream_helpers import Children, checked, item, items, new_topic, send_and_hang, take_and_hang
+from stream_helpers import (
+    Children,
+    checked,
+    item,
+    items,
+    new_topic,
+    seen_dead,
+    send_and_hang,
+    take_and_hang,
+)
 
 pytestmark = [
     pytest.mark.parametrize("store_spec", ["shm", "redis"], indirect=True),
@@ -63,11 +73,31 @@ def test_a_killed_consumers_items_go_to_another_consumer(
     if killed == "mid-stream":
         _send(producer, range(N, N + 2))
         producer.close()
-        got += [checked(item) for item in items(survivor)]
+        got += [checked(more) for more in items(survivor)]
         assert sorted(got) == [("test", i) for i in range(N + 2)]
     else:
         with pytest.raises(StopIteration):
             survivor.next_item()
+    survivor.close()
+
+
+def test_a_killed_broadcast_consumer_leaves_nothing_behind(
+    store_spec: str, store: Store[Any], children: Children
+) -> None:
+    """A broadcast consumer SIGKILLed holding un-acked items after the stream's end: the other
+    consumer still gets every item, and once it left, the dead one's group and items are gone
+    too."""
+    topic = new_topic()
+    survivor = StreamConsumer[Any](topic, store, mode="broadcast", timeout=30)
+    took, subscribed = children.queue(), children.event()
+    doomed = children.start(take_and_hang, store_spec, topic, TAKEN, took, "broadcast", subscribed)
+    assert subscribed.wait(60)
+    with StreamProducer[np.ndarray](topic, store, mode="broadcast") as producer:
+        _send(producer, range(N))
+    assert len(took.get(timeout=60)) == TAKEN
+    doomed.kill()
+    assert [checked(got) for got in items(survivor)] == [("test", i) for i in range(N)]
+    wait_until(lambda: seen_dead(store, doomed), timeout=15, message="the lease expired")
     survivor.close()
 
 

@@ -28,8 +28,9 @@ from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.plugins.dask import register, unregister
 from proxy_patterns.proxy import is_proxy, key_of
 from proxy_patterns.serialize import dumps
-from proxy_patterns.store import count_entries, entries_left_after_eviction
+from proxy_patterns.store import count_entries, entries_left_after_eviction, get_store
 from proxy_patterns.streams import (
+    DEFAULT_THRESHOLD,
     StreamConsumer,
     StreamEndedError,
     StreamFullError,
@@ -215,8 +216,6 @@ def test_an_item_larger_than_the_byte_bound_goes_when_nothing_is_in_flight(
 
 # --- every kind of item ---------------------------------------------------------------------
 def _send_every_case(spec: str, topic: str, threshold: str) -> None:
-    from proxy_patterns.store import get_store
-
     with StreamProducer[Any](topic, get_store(spec), threshold=threshold) as producer:
         for seed, case in enumerate(task_objects.CASES):
             producer.send(task_objects.make(case, seed), metadata={"case": case, "seed": seed})
@@ -231,7 +230,7 @@ def test_every_kind_of_item(
     as the object itself."""
     topic = new_topic()
     consumer = StreamConsumer[Any](topic, store, timeout=30)
-    threshold = "64 KiB" if size == "large" else "16 MiB"
+    threshold = DEFAULT_THRESHOLD if size == "large" else "16 MiB"
     producer = children.start(_send_every_case, store_spec, topic, threshold)
     cases = []
     for got in items(consumer):
