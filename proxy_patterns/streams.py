@@ -337,10 +337,10 @@ class StreamConsumer(Generic[T]):
                 continue
             handle, payload = taken
             message: _Message = pickle.loads(payload)
-            item = self._item(member, handle, message)
             if self.filter is not None and not self.filter(message.metadata):
-                item.ack()
+                self._settle(member, handle, message)  # unread: an inline item too
                 continue
+            item = self._item(member, handle, message)
             with self._changed:
                 self._unacked[id(item)] = item
             return item
@@ -356,16 +356,20 @@ class StreamConsumer(Generic[T]):
             value = OpaqueProxy(factory)
 
         def ack() -> None:
-            # The message is ours to settle only if it is still pending for us: a consumer
-            # that closed first gave it back to the queue, and its hold went with it.
-            if self._broker.ack(member, handle):
-                _release(self.store, message)
+            self._settle(member, handle, message)
             with self._changed:
                 self._unacked.pop(id(item), None)
                 self._changed.notify_all()
 
         item = StreamItem(value, message.metadata, message.nbytes, ack)
         return item
+
+    def _settle(self, member: Membership, handle: Any, message: _Message) -> None:
+        """Ack ``message`` with the broker and drop its hold on the item. The message is ours
+        to settle only if it is still pending for us: a consumer that closed first gave it
+        back to the queue, and its hold went with it."""
+        if self._broker.ack(member, handle):
+            _release(self.store, message)
 
     def ack(self, value: Any) -> None:
         """Done with ``value`` (an item this consumer yielded, or its :class:`StreamItem`)."""

@@ -13,6 +13,7 @@ from proxystore.store import Store, unregister_store
 
 from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_entries, get_store, redis_client_of
+from stream_helpers import Children
 
 # Test modules load globus_helpers' fixtures with `pytest_plugins` after importing its names:
 # marked here, it is still imported with pytest's assertion rewriting.
@@ -79,3 +80,11 @@ def shm_store(shm_dir: str) -> Iterator[Store[Any]]:
 def _default_store_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their store explicitly: $PROXY_PATTERNS_STORE must not leak in."""
     monkeypatch.delenv("PROXY_PATTERNS_STORE", raising=False)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    """Processes the test starts (``spawn``); those still running at its end are killed."""
+    started = Children()
+    yield started
+    started.kill_all()

@@ -98,6 +98,11 @@ def frame_rows(df: Any) -> int:
     return len(df)
 
 
+@python_app(executors=[HTEX])
+def stream_item_app(x: Any, gate: Any) -> tuple[bool, int, float]:
+    return task_objects.stream_item(x, gate)
+
+
 @python_app(executors=[THREADS])
 def threads_received_as(x: Any) -> tuple[str, bool]:
     return type(x).__name__, is_proxy(x)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from proxy_patterns.proxy import is_proxy
+
 NBYTES = 2 * 2**20
 
 
@@ -97,3 +99,11 @@ def fingerprint(x: Any) -> tuple[str, Any]:
 def echo(x: Any) -> Any:
     """Task: return the argument (a large result of the argument's type)."""
     return x
+
+
+def stream_item(x: Any, gate: Any) -> tuple[bool, int, float]:
+    """Task: how it received a stream's item ``x`` (a float array): whether as a proxy, its
+    length and first value; once ``gate`` (a proxy of a future) is set, so that the test sees
+    the item held while the task runs."""
+    assert gate
+    return is_proxy(x), len(x), float(x[0])

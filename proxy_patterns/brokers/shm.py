@@ -129,6 +129,7 @@ class SharedMemoryBroker:
 
     def _create(self, mode: Mode, producers: int | None) -> None:
         """Make the topic directory whole under another name, and rename it into place."""
+        check_mode(self.topic, mode, mode)  # an unknown mode: refused before it makes a topic
         tmp = os.path.join(self.directory, f".building-{secrets.token_hex(8)}")
         os.mkdir(tmp, 0o700)
         try:
