@@ -486,6 +486,7 @@ class StreamConsumer(Generic[T]):
             raise errors[0]
         return submitted
 
+
 def delete_stream(topic: str, store: Store[Any] | None = None) -> None:
     """Remove ``topic`` whatever its state, releasing every item still queued or pending:
     a stream left behind by a crashed run, which a new producer refuses to reopen while it has

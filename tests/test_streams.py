@@ -6,6 +6,7 @@ keys included. Process-killing tests are in ``test_stream_faults.py``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import threading
 import time
@@ -413,32 +414,43 @@ def _dispatched(
     submit_with_gate: Any,
 ) -> list[Any]:
     """Stream N items from another process into ``consumer.dispatch``; each task waits for a
-    gate. While they wait, every item is held; once they end, none is (whatever still holds
-    the tasks' futures). Returns the results."""
+    gate. While they wait, every item is held; once they end, none is. Returns the results,
+    in submission order."""
     topic = new_topic()
     gate: ProxyFuture[bool] = ProxyFuture(store)
     received: list[Any] = []
+    all_submitted = threading.Event()
+    results: dict[int, Any] = {}
+    order: dict[int, int] = {}  # id of a future -> its submission number
 
     def submit(value: Any) -> Any:
         received.append(value)
-        return submit_with_gate(value, gate.proxy())
+        future = submit_with_gate(value, gate.proxy())
+        order[id(future)] = len(received) - 1
+        if len(received) == N:
+            all_submitted.set()
+        return future
+
+    def collect(future: Any) -> None:
+        results[order[id(future)]] = future.result()
 
     consumer = StreamConsumer[Any](topic, store, auto_ack=False, timeout=60)
     children.start(produce, store_spec, topic, "p", N).result()
-    futures = consumer.dispatch(submit)
-    assert len(futures) == N
-    keys = [key_of(value) for value in received if is_proxy(value)]
-    assert len(keys) == LARGE_ITEMS
-    assert all(store.exists(key) for key in keys), "an item was released before its task ended"
-    assert not any(is_resolved(value) for value in received if is_proxy(value))
-    gate.set_result(True)
-    results = [future.result(timeout=60) for future in futures]
-    consumer.close()  # returns once every task's item is acked
+    with concurrent.futures.ThreadPoolExecutor(1) as dispatcher:
+        dispatched = dispatcher.submit(consumer.dispatch, submit, on_done=collect)
+        assert all_submitted.wait(60)
+        keys = [key_of(value) for value in received if is_proxy(value)]
+        assert len(keys) == LARGE_ITEMS
+        assert all(store.exists(key) for key in keys), "an item was released before its task"
+        assert not any(is_resolved(value) for value in received if is_proxy(value))
+        assert not dispatched.done()  # it returns once every task is done
+        gate.set_result(True)
+        assert dispatched.result(timeout=60) == N
     assert not any(store.exists(key) for key in keys), "an item outlived its task"
+    consumer.close()
     gate.evict()
-    del futures  # with the Dask plugin, they hold the gate (a task argument)
     assert entries_left_after_eviction(store, timeout=15) == 0
-    return results
+    return [results[i] for i in range(N)]
 
 
 def _expected_results() -> list[tuple[bool, int, float]]:

@@ -19,6 +19,7 @@ A message is ``<name>|<nbytes>|<payload>``. The work group's items live by the `
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,23 +37,49 @@ if TYPE_CHECKING:
     import redis
 
 END = b"~end"
+END_POLL = 0.1
+"""Seconds between checks, at the end of a stream, for another consumer's items to settle."""
 
 # ARGV[1] is the topic's key prefix in every script. ``finish`` removes the topic once it
-# ended, is drained and nobody consumes it; ``ended`` says whether every producer closed.
+# ended (or nobody ever produced to it), is drained and nobody consumes it; ``ended`` says
+# whether every producer closed. Messages of groups removed are collected in ``out``, which
+# the scripts that may remove one return, for the caller to discard.
 _COMMON = """
 local P = ARGV[1]
+local out = {}
 local function ended()
   local expected = math.max(tonumber(redis.call('hget', P .. 'meta', 'producers')) or 1, 1)
   local done = redis.call('scard', P .. 'closed') + redis.call('scard', P .. 'lost')
   return redis.call('hlen', P .. 'producers') == 0 and done >= expected
 end
+local function discard_group(g)
+  for _, key in ipairs({P .. 'q:' .. g, P .. 'p:' .. g .. ':' .. g}) do
+    for _, m in ipairs(redis.call('lrange', key, 0, -1)) do
+      if m ~= '~end' then table.insert(out, m) end
+    end
+    redis.call('del', key)
+  end
+  redis.call('hdel', P .. 'groups', g)
+  redis.call('del', P .. 'consumers:' .. g)
+  redis.call('hdel', P .. 'inflight', g, g .. ':b')
+end
+local function queued(g)
+  local q = P .. 'q:' .. g
+  local n = redis.call('llen', q)
+  if redis.call('lpos', q, '~end') then n = n - 1 end
+  return n
+end
 local function finish()
-  if not ended() then return end
-  local groups = redis.call('hkeys', P .. 'groups')
-  for _, g in ipairs(groups) do
-    if g ~= 'work' then return end
-    if redis.call('llen', P .. 'q:' .. g) > 1 or redis.call('hlen', P .. 'consumers:' .. g) > 0
-    then return end
+  local never = redis.call('hlen', P .. 'producers') + redis.call('scard', P .. 'closed')
+    + redis.call('scard', P .. 'lost') == 0
+  if not (never or ended()) then return end
+  for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
+    if g ~= 'work' then
+      if redis.call('exists', redis.call('hget', P .. 'groups', g)) == 1 then return end
+      discard_group(g)  -- its consumer died
+    elseif queued(g) > 0 or redis.call('hlen', P .. 'consumers:' .. g) > 0 then
+      return
+    end
   end
   redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'lost', P .. 'groups',
     P .. 'inflight', P .. 'q:work', P .. 'consumers:work')
@@ -70,17 +97,6 @@ local function open(mode, producers)
     if mode == 'work' then redis.call('hset', P .. 'groups', 'work', P .. 'meta') end
   end
   return redis.call('hget', P .. 'meta', 'mode')
-end
-local function discard_group(g, out)
-  for _, key in ipairs({P .. 'q:' .. g, P .. 'p:' .. g .. ':' .. g}) do
-    for _, m in ipairs(redis.call('lrange', key, 0, -1)) do
-      if m ~= '~end' then table.insert(out, m) end
-    end
-    redis.call('del', key)
-  end
-  redis.call('hdel', P .. 'groups', g)
-  redis.call('del', P .. 'consumers:' .. g)
-  redis.call('hdel', P .. 'inflight', g, g .. ':b')
 end
 """
 # ARGV: prefix, mode, producers, producer, lease
@@ -103,6 +119,7 @@ _REMOVE_PRODUCER = (
 redis.call('hdel', P .. 'producers', ARGV[2])
 redis.call('sadd', P .. 'closed', ARGV[2])
 end_if_ended()
+return out
 """
 )
 # ARGV: prefix, name, nbytes, group1, payload1, ...: returns the payloads whose group is gone
@@ -125,11 +142,10 @@ return gone
 _REMOVE_DEAD_GROUPS = (
     _COMMON
     + """
-local out = {}
 local flat = redis.call('hgetall', P .. 'groups')
 for i = 1, #flat, 2 do
   if flat[i] ~= 'work' and redis.call('exists', flat[i + 1]) == 0 then
-    discard_group(flat[i], out)
+    discard_group(flat[i])
   end
 end
 return out
@@ -183,6 +199,7 @@ for i = 1, #flat, 2 do
   end
 end
 if lost then end_if_ended() end
+return out
 """
 )
 # ARGV: prefix, group, consumer; returns a broadcast group's messages to discard
@@ -190,14 +207,13 @@ _LEAVE = (
     _COMMON
     + """
 local g, c = ARGV[2], ARGV[3]
-local out = {}
 if redis.call('exists', P .. 'meta') == 0 then return out end
 if g == 'work' then
   local pending = P .. 'p:' .. g .. ':' .. c
   while redis.call('lmove', pending, P .. 'q:' .. g, 'LEFT', 'RIGHT') do end
   redis.call('hdel', P .. 'consumers:' .. g, c)
 else
-  discard_group(g, out)
+  discard_group(g)
 end
 finish()
 return out
@@ -207,13 +223,12 @@ return out
 _DELETE = (
     _COMMON
     + """
-local out = {}
 for _, g in ipairs(redis.call('hkeys', P .. 'groups')) do
   for _, c in ipairs(redis.call('hkeys', P .. 'consumers:' .. g)) do
     local pending = P .. 'p:' .. g .. ':' .. c
     while redis.call('lmove', pending, P .. 'q:' .. g, 'LEFT', 'RIGHT') do end
   end
-  discard_group(g, out)
+  discard_group(g)
 end
 redis.call('del', P .. 'meta', P .. 'producers', P .. 'closed', P .. 'lost', P .. 'groups',
   P .. 'inflight')
@@ -253,6 +268,10 @@ class RedisBroker:
     def _run(self, script: str, *args: str | bytes | int) -> Any:
         return self._scripts[script](args=[self.prefix, *args])
 
+    def _discard_all(self, messages: list[bytes]) -> None:
+        for message in messages:
+            self._discard(_payload(message))
+
     def _opened(self, answer: list[bytes], mode: str) -> list[bytes]:
         if answer[0] == b"mode":
             check_mode(self.topic, mode, answer[1].decode())
@@ -267,21 +286,19 @@ class RedisBroker:
         return name
 
     def remove_producer(self, producer: str) -> None:
-        self._run("remove_producer", producer)
+        self._discard_all(self._run("remove_producer", producer))
 
     def publish(
         self, name: str, nbytes: int, payloads_for: Callable[[dict[str, str]], dict[str, bytes]]
     ) -> None:
-        for message in self._run("remove_dead_groups"):
-            self._discard(_payload(message))
+        self._discard_all(self._run("remove_dead_groups"))
         groups: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}groups")  # type: ignore[assignment]
         leases = {group.decode(): lease.decode() for group, lease in groups.items()}
         head = f"{name}|{nbytes}|".encode()
         args: list[str | bytes | int] = [name, nbytes]
         for group, payload in payloads_for(leases).items():
             args += [group, head + payload]
-        for message in self._run("publish", *args):
-            self._discard(_payload(message))  # its group left meanwhile
+        self._discard_all(self._run("publish", *args))  # their groups left meanwhile
 
     def unconsumed(self) -> tuple[int, int]:
         counts: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}inflight")  # type: ignore[assignment]
@@ -304,23 +321,35 @@ class RedisBroker:
             return None
         if message == END:  # put back for the group's other consumers, then stop
             self.client.lmove(pending, queue, "LEFT", "RIGHT")
+            if self._others_pending(member):
+                # Another consumer's items may yet come back (if it died, see recover): the
+                # group's stream ends once all of them are acked.
+                time.sleep(min(timeout, END_POLL))
+                return None
             lost: list[bytes] = self.client.smembers(f"{self.prefix}lost")  # type: ignore[assignment]
             if lost:
                 raise producer_lost(self.topic, min(lost).decode())
             raise StopIteration
         return message, _payload(message)
 
+    def _others_pending(self, member: Membership) -> bool:
+        """Whether another consumer of ``member``'s group holds items it has not acked."""
+        consumers: list[bytes] = self.client.hkeys(f"{self.prefix}consumers:{member.group}")  # type: ignore[assignment]
+        return any(
+            self.client.llen(f"{self.prefix}p:{member.group}:{c.decode()}")
+            for c in consumers
+            if c.decode() != member.consumer
+        )
+
     def ack(self, member: Membership, handle: bytes) -> bool:
         nbytes = handle.split(b"|", 2)[1]
         return bool(self._run("ack", member.group, member.consumer, handle, nbytes))
 
     def recover(self, member: Membership) -> None:
-        self._run("recover", member.group)
+        self._discard_all(self._run("recover", member.group))
 
     def leave(self, member: Membership) -> None:
-        for message in self._run("leave", member.group, member.consumer):
-            self._discard(_payload(message))
+        self._discard_all(self._run("leave", member.group, member.consumer))
 
     def delete(self) -> None:
-        for message in self._run("delete"):
-            self._discard(_payload(message))
+        self._discard_all(self._run("delete"))

@@ -197,12 +197,19 @@ class SharedMemoryBroker:
             self._remove_if_finished(settings)
 
     def _remove_if_finished(self, settings: dict[str, Any]) -> None:
-        """Remove the topic once it ended, its queues are drained and nobody consumes."""
-        if not self._ended(settings):
+        """Remove the topic once it ended (or nobody ever produced to it), its queues are
+        drained and nobody consumes; a broadcast group whose consumer died goes first."""
+        never_produced = not any(
+            _listdir(os.path.join(self.path, sub)) for sub in ("producers", "closed", "lost")
+        )
+        if not (never_produced or self._ended(settings)):
             return
         for group in _listdir(os.path.join(self.path, "groups")):
             if group != WORK_GROUP:
-                return  # a broadcast consumer is still subscribed
+                if self._group_alive(group):
+                    return  # a broadcast consumer is still subscribed
+                self._remove_group(group)
+                continue
             queued = [m for m in _listdir(self._group(group, "q")) if m != END]
             if queued or _listdir(self._group(group, "consumers")):
                 return
@@ -247,16 +254,16 @@ class SharedMemoryBroker:
     def _remove_dead_groups(self) -> None:
         """Remove broadcast groups whose consumer died, discarding what they held."""
         groups = _listdir(os.path.join(self.path, "groups"))
-        dead = [
-            group
-            for group in groups
-            if group != WORK_GROUP
-            and not self.table.lease_alive(_read(self._group(group, "lease")) or "")
-        ]
+        dead = [group for group in groups if group != WORK_GROUP and not self._group_alive(group)]
         if dead:
             with self._locked():
                 for group in dead:
                     self._remove_group(group)
+
+    def _group_alive(self, group: str) -> bool:
+        """Whether the lease the group's items live by is alive (for broadcast: its consumer)."""
+        lease = _read(self._group(group, "lease"))
+        return lease is None or self.table.lease_alive(lease)  # None: removed meanwhile
 
     def _remove_group(self, group: str) -> None:
         for sub in ("q", "pending"):
@@ -304,6 +311,13 @@ class SharedMemoryBroker:
                 payload = _read_bytes(taken)
                 assert payload is not None
                 return taken, payload
+            if END in names and any(
+                not taken.startswith(f"{member.consumer}~") for taken in _listdir(pending)
+            ):
+                # Another consumer's items may yet come back (if it died, see recover):
+                # the group's stream ends once all of them are acked.
+                self._watches[member].wait(timeout)
+                return None
             if END in names:
                 lost = _listdir(os.path.join(self.path, "lost"))
                 if lost:
