@@ -5,6 +5,7 @@ functions, and leaves the store empty; on shared memory and on a real Redis."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Iterator
@@ -81,6 +82,11 @@ def stream_items(topic: str, spec: str, count: int) -> int:
         for i in range(count):
             producer.send(make_big(1_000_000) * 0 + i, metadata={"i": i})
     return count
+
+
+def sampled_sum(array: Any) -> int:
+    """Reads every 4096th element (a proxy resolves where it runs)."""
+    return int(array[::4096].sum())
 
 
 @proxy_io
@@ -236,3 +242,22 @@ def test_map_and_shutdown_as_concurrent_futures(executor: ProxiedExecutor) -> No
     assert list(results) == [0, checksum(make_big(2_000_000))]
     executor.shutdown()
     assert executor.keys_held() == 0
+
+
+def test_a_stream_dispatched_to_globus_compute(
+    executor: ProxiedExecutor, store: Store[Any]
+) -> None:
+    """Items over the service's limit go producer -> store -> endpoint: only proxies pass the
+    dispatcher and the service."""
+    consumer = StreamConsumer[Any]("to-globus", store, auto_ack=False, timeout=60)
+    with StreamProducer[Any]("to-globus", store) as producer:
+        for i in range(3):
+            producer.send(np.full(20_000_000, i, dtype=np.uint8))
+    results: list[int] = []
+    tasks = consumer.dispatch(
+        functools.partial(executor.submit, sampled_sum),
+        on_done=lambda done: results.append(done.result()),
+    )
+    consumer.close()
+    assert tasks == 3
+    assert sorted(results) == [i * len(range(0, 20_000_000, 4096)) for i in range(3)]

@@ -14,11 +14,12 @@ Every broker has the same model, that of Redis streams and Kafka:
   leaves (or dies) without acking gives its pending messages back to the group's queue, so
   another consumer gets them: nothing is lost.
 - The stream *ends* once every producer that registered has closed (and as many as a producer
-  said to expect); consumers then see the end once the queue is drained. A producer that died
-  without closing counts as closed, and the end is then :class:`ProducerLostError`: every item
-  that was sent is delivered, and nobody waits for ever.
-- A topic is removed once it ended and its queues are drained and no consumer is left: a
-  finished stream leaves nothing behind.
+  said to expect); a consumer then sees the end once its group's queue is drained and no other
+  consumer of the group holds un-acked items (they would come back if it died). A producer
+  that died without closing counts as closed, and the end is then :class:`ProducerLostError`:
+  every item that was sent is delivered, and nobody waits for ever.
+- A topic is removed once it ended (or was never produced to) and its queues are drained and
+  no consumer is left: a finished stream leaves nothing behind.
 
 :class:`~proxy_patterns.brokers.shm.SharedMemoryBroker` keeps topics as directories in the
 shared-memory store (one node, no server); :class:`~proxy_patterns.brokers.redis.RedisBroker`
