@@ -175,8 +175,8 @@ class StageTask:
     """A stage's function as submitted: runs it, then appends when it ran to ``log``, a file
     of this host that every worker appends to (one short line per task: atomic).
 
-    Its inputs are resolved before it starts (by the plugin, or by the SDK for ``plain``): a
-    span is the function's own work, not its wait for the previous stage.
+    A span starts once the task has its arguments; a task given a future's proxy (``proxies``)
+    starts at once and waits where it reads it, so its span includes that wait.
     """
 
     def __init__(self, stage: str, function: Callable[..., Any], log: str) -> None:
