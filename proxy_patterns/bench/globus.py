@@ -68,6 +68,7 @@ import numpy as np
 from proxy_patterns.bench.report import print_table
 
 if TYPE_CHECKING:
+    from globus_compute_sdk import Executor as ComputeExecutor
     from matplotlib.figure import Figure
 
     from proxy_patterns.bench.globus_offline import ComputeServiceStandIn
@@ -333,7 +334,7 @@ def _run(
 
 
 @contextlib.contextmanager
-def _shm_directory(redis: str | None) -> Iterator[str]:
+def _store_spec(redis: str | None) -> Iterator[str]:
     """The store spec: ``redis``, else a private directory of ``/dev/shm``, removed after."""
     if redis is not None:
         yield redis
@@ -345,7 +346,7 @@ def _shm_directory(redis: str | None) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def lift_rate_limit(executor: Any) -> None:
+def lift_rate_limit(executor: ComputeExecutor) -> None:
     """Let the SDK ``executor`` send requests without its client-side pauses (see the module
     docstring)."""
     executor.api_burst_limit = 1
@@ -374,8 +375,8 @@ def measure(
         workflow = Workflow(os.path.join(run_dir, "spans.log"))
         with offline_globus_compute(engine) as compute:
             lift_rate_limit(compute.executor)
-            compute.executor.batch_size = 1
-            run_plain(compute.executor, workflow, small)
+            compute.executor.batch_size = 1  # one piece per request: two are over 10 MB
+            run_plain(compute.executor, workflow, small)  # warm-up
             plain = []
             for _ in range(repeats):
                 plain.append(
@@ -385,7 +386,7 @@ def measure(
         with offline_globus_compute(engine) as compute:
             lift_rate_limit(compute.executor)
             with proxied(compute.executor, store=store_spec) as executor:
-                run_proxies(executor, workflow, small)
+                run_proxies(executor, workflow, small)  # warm-up
                 left = functools.partial(entries_left_after_eviction, executor.store, 10)
                 proxies = []
                 for _ in range(repeats):
@@ -459,7 +460,7 @@ def report(chunks: Sequence[np.ndarray], plain: Sequence[Run], proxies: Sequence
 def main(quick: bool = False, plot: str | None = None, redis: str | None = None) -> None:
     """Run both modes (smaller chunks, one run each with ``quick``); print the table and goals."""
     chunks = make_chunks(CHUNKS, QUICK_CHUNK_BYTES if quick else CHUNK_BYTES)
-    with _shm_directory(redis) as store_spec:
+    with _store_spec(redis) as store_spec:
         print(f"store: {store_spec}")
         plain, proxies = measure(chunks, 1 if quick else REPEATS, store_spec)
     for run in (*plain, *proxies):
