@@ -15,10 +15,6 @@ from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_entries, get_store, redis_client_of
 from stream_helpers import Children
 
-# Test modules load globus_helpers' fixtures with `pytest_plugins` after importing its names:
-# marked here, it is still imported with pytest's assertion rewriting.
-pytest.register_assert_rewrite("globus_helpers")
-
 # Worker processes unpickle the tests' task functions (tests/dask_helpers.py) by module name.
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))

@@ -97,6 +97,27 @@ def test_bench_streaming_runs_both_modes_on_both_frameworks_and_leaves_no_keys(
     assert plot.stat().st_size > 10_000
 
 
+def test_bench_globus_runs_the_workflow_plain_and_through_the_store(tmp_path: Path) -> None:
+    plot = tmp_path / "globus.png"
+    output = _run("bench", "globus", "--quick", "--plot", str(plot))
+    rows = {row[0]: row for row in _table_rows(output)}
+    tasks, makespan, requests, submitted, returned, keys_left = range(1, 7)
+    plain, proxies = rows["plain"], rows["proxies"]
+    # Plain: 5 x 12 MB cut in two pieces each, twice through the service (to stage 1, then
+    # to the merge) and base64-encoded; the merged calls (15 MB) once more to each analysis.
+    assert (plain[tasks], plain[requests]) == ("26", "26")
+    assert float(plain[submitted]) > 150 and float(plain[returned]) > 60
+    assert plain[keys_left] == "-"
+    # Proxies: one task per chunk, a merge and two analyses; only proxies through the service.
+    assert proxies[tasks] == "8"
+    assert float(proxies[submitted]) < 0.1 and float(proxies[returned]) < 0.1
+    assert proxies[keys_left] == "0"
+    assert float(proxies[makespan]) < float(plain[makespan])
+    assert "goal: proxies >= 1.3x faster than plain:" in output
+    assert "goal: 0 keys left in the store after each proxies run: 0 [met]" in output
+    assert plot.stat().st_size > 10_000
+
+
 def test_unknown_benchmark_is_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy_patterns", "bench", "nope"], capture_output=True, text=True

@@ -1,7 +1,7 @@
-"""The offline Globus Compute harness (``globus_helpers``) behaves as the cloud path does: real
-results and remote errors, the service's 10 MB submission limit, the endpoint's 10 MiB result
-limit, and tasks that run side by side. Every test runs on the endpoint's process pool and on its
-default engine (Parsl HTEX, marked slow)."""
+"""The offline Globus Compute harness (``proxy_patterns.bench.globus_offline``) behaves as the
+cloud path does: real results and remote errors, the service's 10 MB submission limit, the
+endpoint's 10 MiB result limit, and tasks that run side by side. Every test runs on the
+endpoint's process pool and on its default engine (Parsl HTEX, marked slow)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from globus_compute_sdk import Executor
 from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_sdk import ComputeAPIError
 
-from globus_helpers import (
+from proxy_patterns.bench.globus_offline import (
     REQUEST_SIZE_LIMIT,
     RESULT_SIZE_LIMIT,
     OfflineCompute,

@@ -1,7 +1,8 @@
 """The Globus Compute plugin on the real path: the SDK's ``Executor``, a stand-in of the service
 that refuses submissions over 10 MB, the endpoint's real engine that refuses results over
-10 MiB (``globus_helpers``). What the plain executor cannot do, ours does, with the same
-functions, and leaves the store empty; on shared memory and on a real Redis."""
+10 MiB (``proxy_patterns.bench.globus_offline``). What the plain executor cannot do, ours
+does, with the same functions, and leaves the store empty; on shared memory and on a real
+Redis."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ from proxystore.store import Store
 
 import proxy_patterns.plugins.globus_compute as globus_plugin
 from conftest import assert_empty_and_close
-from globus_helpers import OfflineCompute, htex_engine, process_pool_engine, started
+from proxy_patterns.bench.globus_offline import (
+    OfflineCompute,
+    htex_engine,
+    process_pool_engine,
+    started,
+)
 from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.ownership import OwnedProxy
 from proxy_patterns.plugins.globus_compute import (

@@ -122,7 +122,12 @@ def test_core_works_without_any_extra(shm_store: Store[Any], shm_dir: str) -> No
 
 @pytest.mark.parametrize(
     ("command", "extra"),
-    [(["demo"], "dask"), (["bench", "dask"], "bench"), (["bench", "parsl"], "bench")],
+    [
+        (["demo"], "dask"),
+        (["bench", "dask"], "bench"),
+        (["bench", "parsl"], "bench"),
+        (["bench", "globus"], "bench"),
+    ],
 )
 def test_command_without_its_extra_says_which_to_install(command: list[str], extra: str) -> None:
     result = _run_without_extras(f"from proxy_patterns.cli import main\nsys.exit(main({command}))")

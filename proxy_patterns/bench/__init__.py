@@ -11,6 +11,7 @@ BENCHMARKS = {
     "memory": "proxy_patterns.bench.memory",
     "parsl": "proxy_patterns.bench.parsl_plugin",
     "streaming": "proxy_patterns.bench.streaming",
+    "globus": "proxy_patterns.bench.globus",
 }
 
 
