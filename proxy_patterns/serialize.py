@@ -10,13 +10,22 @@ payload::
 
 A writer can hand the frames to the kernel one by one (``os.pwritev``), never joining them;
 a reader given a memoryview of the payload gets back objects that are views on it.
+
+Unpickling runs code: whoever can write a store can run code in every process that reads it.
+With a key in ``$PROXY_PATTERNS_HMAC_KEY`` payloads are *signed*: the header is ``b"PPS1"``
+and carries an HMAC-SHA256 of the lengths and frames, and a reader with the key refuses any
+payload whose HMAC does not match, or that is not signed, before unpickling it
+(:class:`PayloadSignatureError`). Signing reads every byte once more on write and on read.
 """
 
 from __future__ import annotations
 
 import copyreg
 import functools
+import hashlib
+import hmac
 import io
+import os
 import pickle
 import struct
 import types
@@ -26,6 +35,12 @@ from typing import Any
 from proxystore.serialize import BytesLike
 
 MAGIC = b"PPF1"
+SIGNED_MAGIC = b"PPS1"
+"""A signed payload: its HMAC follows the frame lengths in the header."""
+HMAC_KEY_ENV = "PROXY_PATTERNS_HMAC_KEY"
+"""The environment variable that holds the signing key (every process that shares a store
+must have the same one)."""
+_MAC_BYTES = 32
 ALIGNMENT = 64
 _COUNT = struct.Struct("<4sI")
 _LENGTH = struct.Struct("<Q")
@@ -33,6 +48,24 @@ _LENGTH = struct.Struct("<Q")
 
 def _padding(offset: int) -> int:
     return -offset % ALIGNMENT
+
+
+class PayloadSignatureError(ValueError):
+    """A payload failed its HMAC check, or its signing does not match this process's key;
+    refused before anything in it was unpickled."""
+
+
+def _signing_key() -> bytes | None:
+    key = os.environ.get(HMAC_KEY_ENV)
+    return key.encode() if key else None
+
+
+def _mac(key: bytes, counts: bytes, frames: Iterator[memoryview]) -> bytes:
+    """HMAC-SHA256 of the header's counts and lengths and the frames (padding excluded)."""
+    mac = hmac.new(key, counts, hashlib.sha256)
+    for frame in frames:
+        mac.update(frame)
+    return mac.digest()
 
 
 def _memoryview_of(buffer: Any, format: Any, shape: tuple[int, ...]) -> memoryview:
@@ -136,9 +169,16 @@ class Frames:
 
     @functools.cached_property
     def header(self) -> bytes:
-        """The frame count and lengths, padded to the alignment."""
+        """The frame count and lengths (and, with a signing key, the HMAC), padded to the
+        alignment."""
         frames = self.frames
-        header = _COUNT.pack(MAGIC, len(frames)) + b"".join(_LENGTH.pack(f.nbytes) for f in frames)
+        lengths = b"".join(_LENGTH.pack(f.nbytes) for f in frames)
+        key = _signing_key()
+        if key is None:
+            header = _COUNT.pack(MAGIC, len(frames)) + lengths
+        else:
+            counts = _COUNT.pack(SIGNED_MAGIC, len(frames)) + lengths
+            header = counts + _mac(key, counts, iter(frames))
         return header + bytes(_padding(len(header)))
 
     @functools.cached_property
@@ -285,16 +325,39 @@ def deserialize(data: BytesLike) -> Any:
     """
     view = memoryview(data).cast("B")
     magic, count = _COUNT.unpack_from(view, 0)
-    if magic != MAGIC:
+    if magic not in (MAGIC, SIGNED_MAGIC):
         raise ValueError(
             f"not a proxy-patterns payload (starts with {bytes(view[:4])!r}, expected {MAGIC!r})"
         )
     lengths = [_LENGTH.unpack_from(view, _COUNT.size + i * _LENGTH.size)[0] for i in range(count)]
     offset = _COUNT.size + count * _LENGTH.size
+    counts = view[:offset]
+    if magic == SIGNED_MAGIC:
+        mac = bytes(view[offset : offset + _MAC_BYTES])
+        offset += _MAC_BYTES
     offset += _padding(offset)
     frames: list[memoryview] = []
     for length in lengths:
         frames.append(view[offset : offset + length])
         offset += length + _padding(length)
+    if offset - _padding(lengths[-1] if lengths else 0) > view.nbytes:
+        raise ValueError(f"truncated payload: {view.nbytes} bytes of {offset} expected")
+    key = _signing_key()
+    if key is not None and magic != SIGNED_MAGIC:
+        raise PayloadSignatureError(
+            f"payload is not signed, and ${HMAC_KEY_ENV} is set: refused (it was written by a "
+            "process without the key, or by someone else)"
+        )
+    if magic == SIGNED_MAGIC:
+        if key is None:
+            raise PayloadSignatureError(
+                f"payload is signed, and this process has no key: set ${HMAC_KEY_ENV} as the "
+                "processes that write the store do"
+            )
+        if not hmac.compare_digest(mac, _mac(key, bytes(counts), iter(frames))):
+            raise PayloadSignatureError(
+                "payload failed its HMAC check (altered, or signed with another key): refused "
+                "before unpickling"
+            )
     buffers = [memoryview(bytearray(f)) for f in frames[1:]] if view.readonly else frames[1:]
     return pickle.loads(frames[0], buffers=buffers)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -115,6 +114,19 @@ class StreamItem(Generic[T]):
         return self._acked
 
 
+def _dumps(message: _Message) -> bytes:
+    """A message as the broker carries it: in the store's own format, so that with a signing
+    key (see :mod:`proxy_patterns.serialize`) a message someone else wrote is refused."""
+    return bytes(dumps(message).join())
+
+
+def _loads(payload: bytes) -> _Message:
+    message = deserialize(payload)
+    if not isinstance(message, _Message):
+        raise TypeError(f"not a stream message: {type(message).__name__}")
+    return message
+
+
 def _release(store: Store[Any], message: _Message) -> None:
     """Drop a message's hold on its item (the item goes once no group holds it)."""
     if message.key is not None and message.holder is not None:
@@ -125,7 +137,7 @@ def _release(store: Store[Any], message: _Message) -> None:
 
 def _broker(store: Store[Any], topic: str) -> Broker:
     def discard(payload: bytes) -> None:
-        _release(store, pickle.loads(payload))
+        _release(store, _loads(payload))
 
     return broker_for(store, topic, discard)
 
@@ -201,12 +213,12 @@ class StreamProducer(Generic[T]):
             if not leases:
                 return {}  # a broadcast stream nobody subscribes to: the item goes nowhere
             if nbytes <= self.threshold:
-                inline = pickle.dumps(_Message(metadata, nbytes, inline=bytes(frames.join())))
+                inline = _dumps(_Message(metadata, nbytes, inline=bytes(frames.join())))
                 return dict.fromkeys(leases, inline)
             key = put(self.store, obj, frames)
             holders = ref_table_for(self.store).create_held(key, list(leases.values()))
             return {
-                group: pickle.dumps(_Message(metadata, nbytes, key, holder))
+                group: _dumps(_Message(metadata, nbytes, key, holder))
                 for group, holder in zip(leases, holders, strict=True)
             }
 
@@ -336,7 +348,7 @@ class StreamConsumer(Generic[T]):
                 self._broker.recover(member)
                 continue
             handle, payload = taken
-            message: _Message = pickle.loads(payload)
+            message: _Message = _loads(payload)
             if self.filter is not None and not self.filter(message.metadata):
                 self._settle(member, handle, message)  # unread: an inline item too
                 continue
