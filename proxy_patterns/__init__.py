@@ -5,7 +5,7 @@ proxied, :mod:`~proxy_patterns.store` keeps the bytes (zero-copy shared memory b
 any ProxyStore connector). The framework integrations live in :mod:`proxy_patterns.plugins`.
 """
 
-from proxy_patterns.availability import StoreUnavailableError
+from proxy_patterns.availability import StoreAccessError, StoreUnavailableError
 from proxy_patterns.policy import ProxyPolicy
 from proxy_patterns.proxy import OpaqueProxy, is_proxy, key_of, proxy
 from proxy_patterns.store import count_entries, count_objects, get_store, put
@@ -13,6 +13,7 @@ from proxy_patterns.store import count_entries, count_objects, get_store, put
 __all__ = [
     "OpaqueProxy",
     "ProxyPolicy",
+    "StoreAccessError",
     "StoreUnavailableError",
     "count_entries",
     "count_objects",

@@ -18,6 +18,22 @@ class StoreUnavailableError(ConnectionError):
     """A store's backend could not be reached; the message names the store and the operation."""
 
 
+class StoreAccessError(PermissionError):
+    """A store's backend refused our credentials (a Redis password or ACL user)."""
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether ``error`` says the server refused our credentials (not that it is down)."""
+    redis = sys.modules.get("redis")
+    if redis is None:
+        return False
+    if isinstance(error, redis.exceptions.AuthenticationError):
+        return True
+    return isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+        ("NOAUTH", "WRONGPASS", "NOPERM")
+    )
+
+
 def _unreachable(error: BaseException) -> bool:
     """Whether ``error`` says the backend could not be reached (not that it refused the data,
     nor that a value was awaited in vain: a proxy future's TimeoutError is its own)."""
@@ -35,9 +51,15 @@ def reaching(store: str, doing: str) -> Iterator[None]:
     cannot be reached in the block, where the caller was ``doing`` something."""
     try:
         yield
-    except StoreUnavailableError:
+    except (StoreUnavailableError, StoreAccessError):
         raise
     except Exception as error:
+        if _refused(error):
+            raise StoreAccessError(
+                f"store {store} refused our credentials: {doing} failed ({error}); give the "
+                "password in the spec, or in $PROXY_PATTERNS_REDIS_PASSWORD in every process "
+                "that uses the store (workers re-create it from proxies, without the password)"
+            ) from error
         if not _unreachable(error):
             raise
         raise StoreUnavailableError(

@@ -92,27 +92,40 @@ def connector_from_spec(spec: str) -> Connector[Any]:
         from proxystore.connectors.file import FileConnector
 
         return FileConnector(url.path, clear=False)
-    if url.scheme == "redis" and url.hostname:
-        with requires_extra("redis", f"the store {spec!r}"):
-            from proxystore.connectors.redis import RedisConnector
+    if url.scheme in ("redis", "rediss") and url.hostname:
+        with requires_extra("redis", f"the store {public_spec(spec)!r}"):
+            from proxy_patterns.redis_connector import connector_from_url
 
-        return RedisConnector(url.hostname, url.port or 6379)
+        return connector_from_url(spec)
     raise ValueError(
-        f"unknown store spec {spec!r}: expected 'shm', 'shm:///tmpfs/dir', "
-        "'file:///dir' or 'redis://host:port'"
+        f"unknown store spec {public_spec(spec)!r}: expected 'shm', 'shm:///tmpfs/dir', "
+        "'file:///dir' or 'redis[s]://[user[:password]@]host:port[/db][?ca_file=...]'"
     )
+
+
+def public_spec(spec: str) -> str:
+    """``spec`` without the password it may hold: what names the store, travels to other
+    processes (which take the password from their environment, see
+    :mod:`proxy_patterns.redis_connector`) and shows in messages."""
+    url = urlparse(spec)
+    if url.password is None:
+        return spec
+    user = f"{url.username}@" if url.username else ""
+    port = f":{url.port}" if url.port else ""
+    return url._replace(netloc=f"{user}{url.hostname}{port}").geturl()
 
 
 def spec_owned_by(spec: str | None, owner: str) -> str:
     """``spec``, with shared-memory segments it creates owned by process ``owner``.
 
     For a worker that puts results on behalf of a longer-lived process (a scheduler): the
-    segments then outlive the worker. Other stores have no per-process cleanup to move.
+    segments then outlive the worker. Other stores have no per-process cleanup to move; their
+    spec is returned without a password, as it is sent to the worker.
     """
     spec = spec or default_spec()
     connector = connector_from_spec(spec)
     if not isinstance(connector, SharedMemoryConnector):
-        return spec
+        return public_spec(spec)
     return f"shm://{connector.directory}?owner={owner}&spare_bytes={connector.spare_bytes}"
 
 
@@ -123,7 +136,7 @@ def get_store(spec: str | None = None) -> Store[Any]:
     resolve is another cheap mapping, and a cache would pin memory that eviction should free.
     """
     spec = spec or default_spec()
-    name = f"proxy-patterns:{spec}"
+    name = f"proxy-patterns:{public_spec(spec)}"
     store = proxystore.store.get_store(name)
     if store is None:
         store = Store(
@@ -195,10 +208,14 @@ def redis_client_of(connector: Connector[Any]) -> redis.Redis | None:
     with _redis_clients_lock:
         client = _redis_clients.get(connector)
         if client is None:
-            import redis
+            new_client = getattr(connector, "new_client", None)  # ours: credentials, TLS
+            if new_client is not None:
+                client = new_client()
+            else:
+                import redis
 
-            config = connector.config()
-            client = redis.Redis(host=config["hostname"], port=config["port"])
+                config = connector.config()
+                client = redis.Redis(host=config["hostname"], port=config["port"])
             _redis_clients[connector] = client
         return client
 

@@ -32,7 +32,7 @@ from proxy_patterns.plugins.dask.protocol import (
     ResultKeys,
 )
 from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for, ref_table_of
-from proxy_patterns.store import get_store
+from proxy_patterns.store import get_store, public_spec
 
 # Who uses a key: a task, as the carrier of the graph that sent the key ("graph") or as the
 # producer of a result that refers to it ("result").
@@ -57,7 +57,9 @@ class ProxySchedulerPlugin(SchedulerPlugin):
     idempotent = True
 
     def __init__(self, store_spec: str | None) -> None:
-        self.store_spec = store_spec
+        # Sent to the scheduler and workers: without a password, which they take from their
+        # environment (see proxy_patterns.redis_connector).
+        self.store_spec = None if store_spec is None else public_spec(store_spec)
         self._keys: dict[Any, _Held] = {}
         self._used: dict[_User, set[Any]] = defaultdict(set)
         self.bytes_proxied = 0

@@ -32,7 +32,7 @@ from proxy_patterns.plugins.dask.protocol import (
 )
 from proxy_patterns.policy import AROUND_ARGUMENTS, ProxyPolicy
 from proxy_patterns.proxy import SCALARS, materialize, put_large_parts, store_keys_in
-from proxy_patterns.store import get_store, spec_owned_by
+from proxy_patterns.store import get_store, public_spec, spec_owned_by
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class ProxyWorkerPlugin(WorkerPlugin):
 
     def __init__(self, policy: ProxyPolicy, store_spec: str | None) -> None:
         self.policy = policy
-        self.store_spec = store_spec
+        # Sent to the scheduler and workers: without a password, which they take from their
+        # environment (see proxy_patterns.redis_connector).
+        self.store_spec = None if store_spec is None else public_spec(store_spec)
 
     async def setup(self, worker: Worker) -> None:
         self.worker = worker

