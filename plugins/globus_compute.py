@@ -154,7 +154,7 @@ class ProxiedExecutor(Executor):
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"ProxiedExecutor({self.executor!r}, store={self.store_spec!r})"
+        return f"ProxiedExecutor({self.executor!r}, store={self.store.name!r})"
 
     def _function(self, fn: Callable[..., Any]) -> _EndpointFunction:
         # One wrapper per function: the SDK registers functions with the service by identity.

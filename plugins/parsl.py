@@ -221,7 +221,7 @@ class ParslProxyPlugin:
                     raise
                 reasons = "; ".join(unstored)
                 raise SerializationError(e.fname) from TypeError(
-                    f"proxy-patterns could not put {reasons} in store {self.store_spec!r}"
+                    f"proxy-patterns could not put {reasons} in store {self.store.name!r}"
                 )
         except BaseException:
             self._drop(holds)  # nothing of a failed submission stays in the store

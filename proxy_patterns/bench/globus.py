@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from proxy_patterns.bench.report import print_table
+from proxy_patterns.store import public_spec
 
 if TYPE_CHECKING:
     from globus_compute_sdk import Executor as ComputeExecutor
@@ -461,7 +462,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     """Run both modes (smaller chunks, one run each with ``quick``); print the table and goals."""
     chunks = make_chunks(CHUNKS, QUICK_CHUNK_BYTES if quick else CHUNK_BYTES)
     with _store_spec(redis) as store_spec:
-        print(f"store: {store_spec}")
+        print(f"store: {public_spec(store_spec)}")
         plain, proxies = measure(chunks, 1 if quick else REPEATS, store_spec)
     for run in (*plain, *proxies):
         check_same_results(plain[0].outcome, run.outcome)

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from proxy_patterns.bench.report import print_table
+from proxy_patterns.store import public_spec
 
 KB, MB = 10**3, 10**6
 SECONDS = 0.2
@@ -426,7 +427,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
         directory = tempfile.mkdtemp(prefix="pp-bench-streaming-", dir="/dev/shm")
     try:
         store_spec = redis or f"shm://{directory}"
-        print(f"store: {store_spec}")
+        print(f"store: {public_spec(store_spec)}")
         cells = measure(plan, store_spec, quick)
     finally:
         if directory is not None:
