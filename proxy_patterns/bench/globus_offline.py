@@ -37,6 +37,7 @@ import os
 import queue
 import shlex
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -345,7 +346,13 @@ def htex_engine(workers: int = 2) -> GlobusComputeEngine:
             init_blocks=1,
             min_blocks=1,
             max_blocks=1,
-            worker_init=f"export PATH={shlex.quote(_python_bin())}:$PATH",
+            # Workers start in the temporary directory: started in a source checkout, Python
+            # would import the checkout's proxy_patterns (which lacks .plugins) instead of the
+            # installed package.
+            worker_init=(
+                f"cd {shlex.quote(tempfile.gettempdir())} && "
+                f"export PATH={shlex.quote(_python_bin())}:$PATH"
+            ),
         ),
     )
 
