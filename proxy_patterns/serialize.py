@@ -329,6 +329,8 @@ def deserialize(data: BytesLike) -> Any:
         raise ValueError(
             f"not a proxy-patterns payload (starts with {bytes(view[:4])!r}, expected {MAGIC!r})"
         )
+    if _COUNT.size + count * _LENGTH.size > view.nbytes:
+        raise ValueError(f"corrupted payload: {count} frames cannot fit in {view.nbytes} bytes")
     lengths = [_LENGTH.unpack_from(view, _COUNT.size + i * _LENGTH.size)[0] for i in range(count)]
     offset = _COUNT.size + count * _LENGTH.size
     counts = view[:offset]

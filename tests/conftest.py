@@ -9,11 +9,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from proxystore.store import Store, unregister_store
 
 from proxy_patterns.bench.redis_server import local_redis_server
 from proxy_patterns.store import count_entries, get_store, redis_client_of
 from stream_helpers import Children
+
+# Property tests (Hypothesis): no time limit per example (a loaded 2-core machine is slow, not
+# wrong), and no example database written into the checkout.
+settings.register_profile("proxy-patterns", deadline=None, database=None)
+settings.load_profile("proxy-patterns")
 
 # Worker processes unpickle the tests' task functions (tests/dask_helpers.py) by module name.
 _TESTS = os.path.dirname(os.path.abspath(__file__))
