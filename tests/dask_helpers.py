@@ -278,3 +278,11 @@ def owned_ones(n: int) -> Any:
 def owned_head(*parts: Any) -> Any:
     """Reduce owned arguments (released when the task returns) to a new owned array."""
     return owned(np.concatenate(parts)[:10])
+
+
+def total_when(x: Any, started: Signal, go: Signal) -> float:
+    """The sum of ``x``, once the test says ``go`` (having said it ``started``): a task the
+    test can kill its worker under."""
+    started.set()
+    go.wait()
+    return float(np.asarray(x).sum())
