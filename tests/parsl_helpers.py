@@ -128,3 +128,15 @@ def large_total(x: Large) -> float:
 def checkpointed_text(n: int) -> str:
     """A large result, cached (and so checkpointed when the DataFlowKernel checkpoints)."""
     return "c" * n
+
+
+@python_app(executors=[HTEX])
+def dies_once(x: Any, marker: str, what: str) -> float:
+    """SIGKILL this worker (``what="worker"``) or its manager (``"manager"``) the first time
+    (no ``marker`` file yet); the retry reads ``x`` and returns its sum."""
+    import signal
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid() if what == "worker" else os.getppid(), signal.SIGKILL)
+    return float(np.sum(x))
