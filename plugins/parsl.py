@@ -50,6 +50,7 @@ with requires_extra("parsl", __name__):
     from parsl.errors import NoDataFlowKernelError
     from parsl.executors import ThreadPoolExecutor
     from parsl.executors.base import ParslExecutor
+    from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
     from parsl.serialize.errors import SerializationError
 
 from proxy_patterns.arguments import ArgumentProxies
@@ -57,6 +58,7 @@ from proxy_patterns.liveness import process_tag
 from proxy_patterns.ownership import ReferenceInvalidError
 from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy
 from proxy_patterns.proxy import key_of, materialize, put_large_parts
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.serialize import Frames
 from proxy_patterns.store import default_spec, get_store, spec_owned_by
 
@@ -65,21 +67,26 @@ E = TypeVar("E", bound=ParslExecutor)
 
 @dataclass(frozen=True)
 class _ProxiedResult:
-    """What the worker returns for a result that holds new proxies: the result and their keys.
+    """What the worker returns for a result that holds new proxies: the result, their keys,
+    and the worker's holder of each, which the submitting process takes over on delivery.
 
     Not callable, unlike a proxy (HTEX serializes callable results as code).
     """
 
     value: Any
     created: tuple[Any, ...]
+    holders: tuple[str, ...]
     nbytes: int
 
 
 class _ProxyingApp:
     """The app function as the worker runs it: real arguments in, large results to the store.
 
-    Segments are named for the submitting process (``owner``): a worker that exits does not
-    take results with it, and the submitting process's records decide when they go.
+    Each result key is recorded at once with a holder leased by the worker, which the
+    submitting process takes over on delivery (a claim). A worker killed between the put and
+    the delivery takes its lease with it: the key goes at the next sweep, not when the
+    submitting process exits (its segments are named for the submitting process, ``owner``,
+    only for the instant before the record exists).
     """
 
     def __init__(self, func: Callable[..., Any], policy: ProxyPolicy, store_spec: str) -> None:
@@ -98,7 +105,9 @@ class _ProxyingApp:
         if not created:
             return result
         keys = tuple(key for key, _ in created)
-        return _ProxiedResult(proxied, keys, sum(nbytes for _, nbytes in created))
+        table = ref_table_for(get_store(self.store_spec))
+        holders = tuple(table.create(key) for key in keys)
+        return _ProxiedResult(proxied, keys, holders, sum(nbytes for _, nbytes in created))
 
 
 @dataclass
@@ -261,6 +270,10 @@ class ParslProxyPlugin:
                 delivered = self._deliver(result)
                 result = delivered.value
         except BaseException as e:
+            if isinstance(e, (WorkerLost, ManagerLost)):
+                # The lost process may have put a result it never sent: its lease ended, so
+                # the sweep frees it now, rather than when this process exits.
+                self.table.sweep()
             if outer is not None:
                 outer.set_exception(e)
             if delivered is not None:
@@ -277,7 +290,10 @@ class ParslProxyPlugin:
     def _deliver(self, result: _ProxiedResult) -> _Delivered:
         """Record the result's keys, materialize it, and remember it to pass it on by proxy."""
         holds = self._new_holds()
-        holds.holders = [(key, self.table.create(key)) for key in result.created]
+        holds.holders = [
+            (key, self.table.claim(key, holder))
+            for key, holder in zip(result.created, result.holders, strict=True)
+        ]
         with self._lock:
             self._result_bytes += result.nbytes
         try:

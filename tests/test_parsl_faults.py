@@ -5,6 +5,9 @@ right, and the store is empty afterwards."""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +21,15 @@ from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
 from parsl_helpers import HTEX, dies_once, total
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.plugins.parsl import proxied
-from proxy_patterns.store import count_entries, entries_left_after_eviction, get_store
+from proxy_patterns.records import ref_table_for
+from proxy_patterns.store import (
+    count_entries,
+    count_objects,
+    entries_left_after_eviction,
+    get_store,
+)
 
 MiB = 2**20
 
@@ -67,3 +77,29 @@ def test_a_killed_worker_or_manager_is_retried_and_leaves_no_keys(
     assert (tmp_path / "marker").exists()  # the first attempt did die
     del future
     assert entries_left_after_eviction(get_store(spec), timeout=20) == 0
+
+
+def test_a_worker_killed_after_putting_its_result_does_not_pin_it(spec: str) -> None:
+    """The worker's part of the plugin puts a large result, then its process is killed before
+    the result reaches the submitting process: the key goes with the worker's lease, at the
+    next sweep, not when the submitting process (this one) exits."""
+    code = (
+        "import os, signal, sys\n"
+        "from proxy_patterns.plugins.parsl import _ProxyingApp\n"
+        "from proxy_patterns.policy import ProxyPolicy\n"
+        "from proxy_patterns.store import spec_owned_by\n"
+        "import numpy as np\n"
+        "spec = spec_owned_by(sys.argv[1], sys.argv[2])  # as the plugin sends it\n"
+        "app = _ProxyingApp(np.ones, ProxyPolicy('1 MiB'), spec)\n"
+        "result = app(2 * 2**20 // 8)\n"
+        "assert result.created, result\n"
+        "os.kill(os.getpid(), signal.SIGKILL)  # before anything is sent\n"
+    )
+    store = get_store(spec)
+    killed = subprocess.run(
+        [sys.executable, "-c", code, spec, process_tag()], cwd=tempfile.gettempdir()
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert count_objects(store) == 1  # put, and never delivered
+    ref_table_for(store).sweep()
+    assert count_entries(store) == 0
