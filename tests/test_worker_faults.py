@@ -8,6 +8,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -16,7 +18,9 @@ from distributed import Client, LocalCluster
 
 from conftest import assert_empty_and_close
 from dask_helpers import Signal, array, total_when, wait_until
+from proxy_patterns.liveness import process_tag
 from proxy_patterns.plugins.dask import register
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.store import count_objects, entries_left_after_eviction, get_store
 
 MiB = 2**20
@@ -84,3 +88,32 @@ def test_a_worker_killed_holding_a_proxied_result_another_task_needs(
     c = client.submit(total_when, a, started, go, pure=False)  # a is needed again
     assert c.result(timeout=120) == float(array(20 * MiB, 2).sum())
     del a, b, c
+
+
+def test_a_worker_killed_after_putting_a_result_does_not_pin_it(shm_dir: str) -> None:
+    """The worker's part of the plugin puts a large result and records it, then its process is
+    killed before the scheduler hears of it: the key goes with the worker's lease, at the next
+    sweep (which the scheduler runs when it loses a worker), not when the scheduler exits."""
+    spec = f"shm://{shm_dir}"
+    code = (
+        "import os, signal, sys\n"
+        "import numpy as np\n"
+        "from proxy_patterns.plugins.dask.worker import ProxyWorkerPlugin\n"
+        "from proxy_patterns.policy import ProxyPolicy\n"
+        "from proxy_patterns.records import ref_table_for\n"
+        "from proxy_patterns.store import get_store, spec_owned_by\n"
+        "plugin = ProxyWorkerPlugin(ProxyPolicy('1 MiB'), sys.argv[1])\n"
+        "plugin.store = get_store(spec_owned_by(sys.argv[1], sys.argv[2]))  # as setup() does\n"
+        "plugin.table = ref_table_for(plugin.store)\n"
+        "_, created = plugin._put_and_record(np.ones(2**20))\n"
+        "assert created, created\n"
+        "os.kill(os.getpid(), signal.SIGKILL)  # before the event reaches the scheduler\n"
+    )
+    store = get_store(spec)
+    killed = subprocess.run(
+        [sys.executable, "-c", code, spec, process_tag()], cwd=tempfile.gettempdir()
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert count_objects(store) == 1
+    ref_table_for(store).sweep()
+    assert_empty_and_close(store)

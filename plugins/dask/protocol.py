@@ -5,7 +5,9 @@
   (:mod:`proxy_patterns.ownership`) that the client took for that graph and the scheduler
   takes over (claims) when the graph arrives.
 * A worker that put a task's result in the store, or whose task returned proxies it was given,
-  tells the scheduler with a :data:`RESULTS_TOPIC` event (:class:`ResultKeys`).
+  tells the scheduler with a :data:`RESULTS_TOPIC` event (:class:`ResultKeys`). It records
+  each key it put with a holder leased by itself, which the scheduler takes over: a worker
+  killed before its event arrives takes the key with it (at the next sweep).
 * Workers ask the scheduler's process tag with the :data:`OWNER_HANDLER` handler: results are
   put in shared-memory segments named for the scheduler, which outlives workers.
 """
@@ -31,9 +33,10 @@ class Hold(NamedTuple):
 
 
 class ResultKeys(NamedTuple):
-    """Store keys in a task's result: ``created`` (key, bytes) by the worker's put, ``held``
-    every key the result refers to (those created, and proxies the task passed on)."""
+    """Store keys in a task's result: ``created`` (key, bytes, the worker's holder, which the
+    scheduler claims) by the worker's put, ``held`` every key the result refers to (those
+    created, and proxies the task passed on)."""
 
     task: Any
-    created: list[tuple[Any, int]]
+    created: list[tuple[Any, int, str]]
     held: list[Any]

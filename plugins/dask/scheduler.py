@@ -13,6 +13,7 @@ record's: nothing here evicts a key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pickle
 from collections import defaultdict
@@ -32,6 +33,7 @@ from proxy_patterns.plugins.dask.protocol import (
     ResultKeys,
 )
 from proxy_patterns.records import ReferenceInvalidError, RefTable, ref_table_for, ref_table_of
+from proxy_patterns.rendezvous import LEASE
 from proxy_patterns.store import get_store, public_spec
 
 # Who uses a key: a task, as the carrier of the graph that sent the key ("graph") or as the
@@ -64,6 +66,7 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         self._used: dict[_User, set[Any]] = defaultdict(set)
         self.bytes_proxied = 0
         self.keys_evicted = 0
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -122,15 +125,20 @@ class ProxySchedulerPlugin(SchedulerPlugin):
         if topic != RESULTS_TOPIC:
             return
         result = ResultKeys(*pickle.loads(msg["data"]))
-        for key, nbytes in result.created:  # the worker's put: the record starts here
-            self._keys[key] = _Held(self.table, self.table.create(key), nbytes)
+        created = []
+        for key, nbytes, holder in result.created:  # the worker's put: take over its holder
+            try:
+                self._keys[key] = _Held(self.table, self.table.claim(key, holder), nbytes)
+            except ReferenceInvalidError:  # the worker died meanwhile: the key went with it
+                continue
+            created.append(key)
             self.bytes_proxied += nbytes
         ts = self.scheduler.tasks.get(result.task)
         alive = ts is not None and ts.state in ("processing", "memory")
         for key in result.held:
             if key in self._keys and alive:  # never adopt keys the plugin did not make
                 self._use((result.task, "result"), key)
-        for key, _ in result.created:
+        for key in created:
             if not self._keys[key].users:  # the task was released while its result was put
                 self._let_go(key)
 
@@ -163,7 +171,23 @@ class ProxySchedulerPlugin(SchedulerPlugin):
             if held.table.drop(key, held.holder) and held.nbytes is not None:
                 self.keys_evicted += 1
 
+    def remove_worker(
+        self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
+    ) -> None:
+        """A worker left (or died): keys it put whose event never arrived are held by its
+        lease alone. Sweep once that lease has surely ended (a Redis lease outlives its
+        process by up to :data:`~proxy_patterns.rendezvous.LEASE` seconds)."""
+        sweep = asyncio.get_running_loop().create_task(self._sweep_after(LEASE + 1))
+        self._sweeps.add(sweep)
+        sweep.add_done_callback(self._sweeps.discard)
+
+    async def _sweep_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await asyncio.get_running_loop().run_in_executor(None, self.table.sweep)
+
     async def close(self) -> None:
+        for sweep in self._sweeps:
+            sweep.cancel()
         self.scheduler.stream_handlers["update-graph"] = self._dask_update_graph
         for key in list(self._keys):
             self._let_go(key)

@@ -7,8 +7,10 @@ put in the store the first time another worker or a client asks for it: from the
 ``worker.data`` holds the proxy, which is what travels. The put runs in Dask's offload thread,
 not on the worker's event loop, which keeps serving other requests meanwhile.
 
-Results are put in segments named for the scheduler's process, not the worker's: a worker that
-is retired or restarted does not take results that Dask copied elsewhere with it.
+Each key a worker puts is recorded at once with a holder leased by the worker, which the
+scheduler takes over when the worker's event arrives: a worker killed in between takes the key
+with it (the scheduler sweeps when it loses a worker). Segments are named for the scheduler's
+process for the instant before the record exists.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from proxy_patterns.plugins.dask.protocol import (
 )
 from proxy_patterns.policy import AROUND_ARGUMENTS, ProxyPolicy
 from proxy_patterns.proxy import SCALARS, materialize, put_large_parts, store_keys_in
+from proxy_patterns.records import ref_table_for
 from proxy_patterns.store import get_store, public_spec, spec_owned_by
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
         self.worker = worker
         owner = await getattr(worker.scheduler, OWNER_HANDLER)()
         self.store = get_store(spec_owned_by(self.store_spec, owner))
+        self.table = ref_table_for(self.store)
         self._unproxied: set[Any] = set()  # results computed here, not yet looked at
         self._putting: dict[Any, asyncio.Future[None]] = {}  # results being put now
         self._passed_on: dict[Any, list[Any]] = {}  # store keys in results, from the tasks
@@ -85,7 +89,7 @@ class ProxyWorkerPlugin(WorkerPlugin):
         plain Dask (a store that is full must not fail the transfer)."""
         value = self.worker.data[key]
         try:
-            proxied, created = await offload(put_large_parts, self.policy, self.store, value)
+            proxied, created = await offload(self._put_and_record, value)
         except Exception:
             logger.warning(
                 "result %r is sent by value: it could not be put in the store", key, exc_info=True
@@ -94,14 +98,29 @@ class ProxyWorkerPlugin(WorkerPlugin):
         ts = self.worker.state.tasks.get(key)
         if ts is None or ts.state != "memory" or self.worker.data.get(key) is not value:
             # Released (or replaced) during the put: nobody was given these keys.
-            for new, _ in created:
-                self.store.evict(new)
+            for new, _, holder in created:
+                self.table.drop(new, holder)
             return
         if proxied is not value:
             self.worker.data[key] = proxied
         if created:
             held = store_keys_in(proxied, self.policy.max_depth + AROUND_ARGUMENTS)
             self._report(ResultKeys(key, created, held))
+
+    def _put_and_record(self, value: Any) -> tuple[Any, list[tuple[Any, int, str]]]:
+        """``value`` with its large parts put, and each key put with this worker's holder."""
+        proxied, created = put_large_parts(self.policy, self.store, value)
+        recorded: list[tuple[Any, int, str]] = []
+        try:
+            for new, nbytes in created:
+                recorded.append((new, nbytes, self.table.create(new)))
+        except BaseException:
+            for new, _, holder in recorded:
+                self.table.drop(new, holder)
+            for new, _ in created[len(recorded) :]:
+                self.store.evict(new)
+            raise
+        return proxied, recorded
 
     def _report(self, keys: ResultKeys) -> None:
         self.worker.log_event(RESULTS_TOPIC, {"data": pickle.dumps(tuple(keys))})
