@@ -12,6 +12,7 @@ BENCHMARKS = {
     "parsl": "proxy_patterns.bench.parsl_plugin",
     "streaming": "proxy_patterns.bench.streaming",
     "globus": "proxy_patterns.bench.globus",
+    "soak": "proxy_patterns.bench.soak",
 }
 
 
