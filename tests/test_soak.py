@@ -4,6 +4,7 @@ owned proxies all at once, then plain Dask; nothing lost, nothing left, memory b
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ DURATION = 6.0
 
 
 def test_a_short_soak_loses_nothing_and_leaves_nothing(
-    shm_dir: str, capsys: pytest.CaptureFixture[str]
+    shm_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     proxies = soak.run_soak(DURATION, f"shm://{shm_dir}", shm_dir)
     plain = soak.run_soak(DURATION, None)
@@ -38,6 +39,9 @@ def test_a_short_soak_loses_nothing_and_leaves_nothing(
     assert "goal: 0 errors: 0 [met]" in output
     assert "goal: 0 keys left in the store: 0 [met]" in output
     assert output.count("[met]") == 4 and "NOT met" not in output
+    plot = tmp_path / "soak.png"
+    soak.plot_latencies([proxies, plain], str(plot))
+    assert plot.stat().st_size > 10_000
 
 
 def test_the_soak_is_a_benchmark_of_the_command() -> None:

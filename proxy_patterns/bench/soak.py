@@ -79,7 +79,9 @@ TOLERANCE = 64 * MiB
 """How far above its baseline worker RSS and ``/dev/shm`` use may end."""
 SETTLE_TIMEOUT = 60.0
 """Seconds to wait for the store to drain and spares to go once a soak has stopped."""
-STREAM_TIMEOUT = 60.0
+TIMEOUT = 60.0
+"""Seconds any one wait (for a task's result, a stream's item, room in the stream) may last
+before it counts as an error: a hang fails the soak instead of stalling it."""
 
 
 # --- what the tasks get -------------------------------------------------------------------
@@ -216,11 +218,12 @@ def _size_class(rng: random.Random) -> tuple[str, int]:
 
 
 def _tags(start: int) -> Iterator[int]:
-    """Unique tags for one thread (threads start 10**9 apart)."""
-    tag = start * 10**9
-    while True:
-        tag += 1_000_000  # records and frames use tag + i for their rows
-        yield tag
+    """Unique tags for thread ``start``: 10**4 of them, 10**5 apart (records and frames use
+    ``tag + i`` for their rows, fewer than 10**5), before the next thread's. Small enough that
+    the int64 sum of a 50 MB ``arange`` plus a tag cannot overflow."""
+    for k in range(1, 10**4):
+        yield start * 10**9 + k * 10**5
+    raise RuntimeError(f"thread {start} ran out of tags")
 
 
 def client_thread(client: Any, index: int, stop: threading.Event, tally: Tally) -> None:
@@ -246,7 +249,7 @@ def client_thread(client: Any, index: int, stop: threading.Event, tally: Tally) 
                 continue
             in_flight[future] = (size_class, start, expected, give_back)
             del argument
-        done, _ = wait(list(in_flight), return_when="FIRST_COMPLETED")
+        done, _ = wait(list(in_flight), timeout=TIMEOUT, return_when="FIRST_COMPLETED")
         for future in done:
             size_class, start, expected, give_back = in_flight.pop(future)
             try:
@@ -272,7 +275,7 @@ def stream_producer(
         get_store(store_spec),
         producers=2,
         max_in_flight=STREAM_MAX_IN_FLIGHT,
-        timeout=STREAM_TIMEOUT,
+        timeout=TIMEOUT,
     ) as producer:
         for sequence, tag in enumerate(_tags(100 + index)):
             if stop.is_set():
@@ -312,8 +315,8 @@ def owned_thread(client: Any, store_spec: str, stop: threading.Event, tally: Tal
         doubled = client.submit(owned_doubled, borrow(owner), store_spec, pure=False)
         release(owner)
         try:
-            result = doubled.result()
-            if int(total.result()) != _arange_sum(tag, size):
+            result = doubled.result(TIMEOUT)
+            if int(total.result(TIMEOUT)) != _arange_sum(tag, size):
                 tally.error(f"owned {tag}: wrong sum")
             if int(np.sum(result)) != 2 * _arange_sum(tag, size):
                 tally.error(f"owned {tag}: wrong doubled sum")
@@ -370,18 +373,15 @@ def worker_rss(client: Any) -> int:
     return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
-def _settled_shm(directory: str | None, baseline: int) -> int:
-    """``/dev/shm`` use once this store's directory has no spares left (they go
-    :data:`~proxy_patterns.shm.SPARE_IDLE_SECONDS` after their last use), or after
-    :data:`SETTLE_TIMEOUT`."""
+def _settled_shm(directory: str | None) -> int:
+    """``/dev/shm`` use once the store's directory (if on shared memory) has no spares left:
+    they go :data:`~proxy_patterns.shm.SPARE_IDLE_SECONDS` after their last use (read after
+    :data:`SETTLE_TIMEOUT` if some stay)."""
     from proxy_patterns.shm import SPARE_PREFIX
 
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while time.monotonic() < deadline:
-        spares = directory is not None and any(
-            name.startswith(SPARE_PREFIX) for name in os.listdir(directory)
-        )
-        if not spares and shm_used() <= baseline + TOLERANCE:
+    while directory is not None and time.monotonic() < deadline:
+        if not any(name.startswith(SPARE_PREFIX) for name in os.listdir(directory)):
             break
         time.sleep(0.5)
     return shm_used()
@@ -443,7 +443,7 @@ def run_soak(duration: float, store_spec: str | None, directory: str | None = No
             store = get_store(store_spec)
             # Joined before the producers start, so that no item waits for a consumer.
             consumers = [
-                StreamConsumer[Any](topic, store, auto_ack=False, timeout=STREAM_TIMEOUT)
+                StreamConsumer[Any](topic, store, auto_ack=False, timeout=TIMEOUT)
                 for _ in range(2)
             ]
             threads += [_guarded(tally, stream_consumer, client, c, tally) for c in consumers]
@@ -465,7 +465,7 @@ def run_soak(duration: float, store_spec: str | None, directory: str | None = No
             if sent != done:
                 lost, extra = set(sent) - set(done), len(done) - len(set(done))
                 tally.error(f"stream: {len(lost)} items never processed, {extra} twice")
-        shm_end = _settled_shm(directory, shm_start)
+        shm_end = _settled_shm(directory)
         rss_end = worker_rss(client)
     mode = "plain Dask" if store_spec is None else "Dask + plugin, stream, owned"
     return Soak(mode, seconds, tally, keys_left, (rss_start, rss_end), (shm_start, shm_end))
@@ -518,8 +518,8 @@ def report(soaks: list[Soak]) -> None:
         for size_class, (low, high, _) in SIZE_CLASSES.items()
     ]
     print(
-        f"{CLIENT_THREADS} client threads x {IN_FLIGHT} tasks in flight; "
-        "latency: submit -> result (ms)"
+        f"{CLIENT_THREADS} client threads x {IN_FLIGHT} tasks in flight; latency: submit -> "
+        "result (ms); the proxies soak also runs the stream and the owned proxies"
     )
     print_table(
         [
@@ -590,10 +590,10 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
     soaks = measure(QUICK_DURATION if quick else DURATION, redis)
     report(soaks)
     if plot:
-        _plot(soaks, plot)
+        plot_latencies(soaks, plot)
 
 
-def _plot(soaks: list[Soak], path: str) -> None:
+def plot_latencies(soaks: list[Soak], path: str) -> None:
     """p50 and p99 latency of each size class, both modes side by side."""
     import matplotlib
 
