@@ -220,23 +220,30 @@ class SharedMemoryRendezvous:
 
 
 class _LeaseRenewer:
-    """Renews this process's Redis claims until they are released or the process dies."""
+    """Renews this process's Redis claims until they are released or the process dies.
+
+    One thread per client (per server): a server that stops answering holds its thread for
+    seconds per call (redis-py retries), and must not delay the renewal of leases on other
+    servers, which would then expire under the objects they keep.
+    """
 
     def __init__(self) -> None:
-        self._claims: dict[tuple[int, str], Any] = {}
+        self._claims: dict[int, dict[str, Any]] = {}  # id(client) -> name -> client
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def add(self, client: Any, name: str) -> None:
         with self._lock:
-            self._claims[(id(client), name)] = client
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
-                self._thread.start()
+            claims = self._claims.get(id(client))
+            if claims is None:  # no thread renews this client's claims: start one
+                claims = self._claims[id(client)] = {}
+                threading.Thread(
+                    target=self._run, args=(client,), name="leases", daemon=True
+                ).start()
+            claims[name] = client
 
     def discard(self, client: Any, name: str) -> None:
         with self._lock:
-            self._claims.pop((id(client), name), None)
+            self._claims.get(id(client), {}).pop(name, None)
 
     # Renew only a claim that is still ours: another process may have claimed the key since.
     _RENEW = (
@@ -244,16 +251,19 @@ class _LeaseRenewer:
         "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
     )
 
-    def _run(self) -> None:
+    def _run(self, client: Any) -> None:
         while True:
             time.sleep(LEASE / 3)
             with self._lock:
-                claims = list(self._claims.items())
-            for (_, name), client in claims:
+                names = list(self._claims[id(client)])
+                if not names:  # nothing left to renew: the next add starts a new thread
+                    del self._claims[id(client)]
+                    return
+            for name in names:
                 try:
                     renewed = client.eval(self._RENEW, 1, name, process_tag(), int(LEASE * 1000))
                 except Exception:  # e.g. a connection closed under us: try again next round
-                    continue  # (this thread must not die: every lease of the process needs it)
+                    continue  # (this thread must not die: the client's leases need it)
                 if not renewed:
                     self.discard(client, name)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
 import pickle
 import signal
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from proxystore.proxy import Proxy
-from proxystore.store import Store
+from proxystore.store import Store, unregister_store
 
 from dask_helpers import (
     CountingFactory,
@@ -274,6 +276,31 @@ def test_with_dask_workers(
         release(head)
         del running, parts
     assert count_entries(store) == 0
+
+
+@pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
+def test_a_redis_server_that_stops_does_not_let_other_servers_leases_expire(
+    store: Store[Any],
+) -> None:
+    """A store whose server stopped answering (each renewal then takes seconds of redis-py's
+    retries) must not delay the renewal of this process's leases on another server: they would
+    expire, and their objects be evicted while still held."""
+    from proxy_patterns.bench.redis_server import local_redis_server
+    from proxy_patterns.store import get_store
+
+    with local_redis_server() as url:
+        doomed_store = get_store(url)
+        doomed = owned(np.ones(10), doomed_store)  # its lease is renewed on that server
+        kept = owned(np.ones(10), store)
+    # The doomed server is gone; for two lease periods, the kept object stays held.
+    deadline = time.monotonic() + 2 * LEASE
+    while time.monotonic() < deadline:
+        assert holders(kept) == ["owner"], "a lease on a live server expired"
+        time.sleep(0.5)  # sampling the record while time passes: the test is about time
+    release(kept)
+    with contextlib.suppress(Exception):  # its server is gone: nothing to release there
+        release(doomed)
+    unregister_store(doomed_store.name)
 
 
 @pytest.mark.parametrize("store_spec", ["redis"], indirect=True)
