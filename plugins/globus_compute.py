@@ -60,7 +60,7 @@ from proxy_patterns.ownership import owned
 from proxy_patterns.policy import AROUND_ARGUMENTS, DEFAULT_THRESHOLD, ProxyPolicy, known_nbytes
 from proxy_patterns.proxy import key_of, materialize
 from proxy_patterns.records import ReferenceInvalidError
-from proxy_patterns.serialize import dumps
+from proxy_patterns.serialize import SizeExceeded, dumps
 from proxy_patterns.store import default_spec, get_store
 
 P = ParamSpec("P")
@@ -105,7 +105,7 @@ class _EndpointFunction:
             future.set_exception(e)
             raise
         future.set_result(result)
-        large = _serialized_size(result) > cast(int, self.policy.threshold)
+        large = _larger_than(result, cast(int, self.policy.threshold))
         return _InStore() if large else result
 
 
@@ -279,10 +279,18 @@ def _own_copy(error: BaseException) -> BaseException:
         return error
 
 
-def _serialized_size(obj: Any) -> int:
-    """``obj``'s serialized size: read from arrays and bytes, else serialized to count."""
+def _larger_than(obj: Any, threshold: int) -> bool:
+    """Whether ``obj``'s serialized size is over ``threshold``: read from arrays and bytes,
+    else serialized only until it passes the threshold (the result was serialized whole once
+    already, into its future)."""
     known = known_nbytes(obj)
-    return dumps(obj).nbytes if known is None else known
+    if known is not None:
+        return known > threshold
+    try:
+        dumps(obj, limit=threshold)
+    except SizeExceeded:
+        return True
+    return False
 
 
 def _check_size(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -330,7 +338,7 @@ def proxy_io(
         @functools.wraps(function)
         def run(*args: P.args, **kwargs: P.kwargs) -> Any:
             result = function(*args, **kwargs)
-            if _serialized_size(result) <= cast(int, policy.threshold):
+            if not _larger_than(result, cast(int, policy.threshold)):
                 return result
             return owned(result, get_store(store))
 
