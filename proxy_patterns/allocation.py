@@ -138,7 +138,7 @@ class Allocation(mmap.mmap):
                 self._map_private()
             finally:
                 _unlink(self.path)
-        return SharedMemoryKey(key.name, len(self))
+        return connector.make_key(key.name, len(self))
 
     def _surroundings_intact(self) -> bool:
         """Whether the bytes before and after the array are those written when allocating."""

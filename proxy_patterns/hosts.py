@@ -16,8 +16,6 @@ from typing import Any
 
 from proxystore.store import Store
 
-from proxy_patterns.shm import SharedMemoryConnector
-
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -38,12 +36,25 @@ def host_identity() -> str:
 
 
 def check_reachable(store: Store[Any], origin: str) -> None:
-    """Raise :class:`StoreUnreachableError` if ``store`` is shared memory and this process
-    does not run on ``origin`` (a :func:`host_identity`), the host whose memory it is."""
-    here = host_identity()
-    if isinstance(store.connector, SharedMemoryConnector) and origin != here:
-        raise StoreUnreachableError(
-            f"store {store.name!r} is shared memory of host {origin!r}, and this process runs "
-            f"on {here!r} (<hostname>/<boot id>): configure a store both reach, such as Redis "
-            "(store='redis://host:port')"
-        )
+    """Raise :class:`StoreUnreachableError` if ``store`` is one host's shared memory and this
+    process does not run on ``origin`` (a :func:`host_identity`), the host whose memory it is.
+    A topology store (:mod:`proxy_patterns.topology`) is reachable from every host."""
+    from proxy_patterns.shm import SharedMemoryConnector  # (which raises this module's error)
+
+    connector = store.connector
+    if isinstance(connector, SharedMemoryConnector) and not connector.serves_other_hosts:
+        here = host_identity()
+        if origin != here:
+            raise StoreUnreachableError(unreachable_message(f"store {store.name!r}", origin))
+
+
+def unreachable_message(what: str, origin: str) -> str:
+    """Why ``what``, in the shared memory of host ``origin``, cannot be read here, and what
+    to configure instead."""
+    return (
+        f"{what} is in the shared memory of host {origin!r}, and this process runs on "
+        f"{host_identity()!r} (<hostname>/<boot id>): another host's shared memory cannot be "
+        "read. Use the store 'topology' (objects move between hosts peer to peer) or one "
+        "every host reaches, such as 'redis://host:port': dask config proxy-patterns.store, "
+        "the Parsl option store=..., or $PROXY_PATTERNS_STORE"
+    )

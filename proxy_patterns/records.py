@@ -17,7 +17,9 @@ others die.
 
 A :class:`RefTable` keeps the records of one store: :class:`SharedMemoryRefTable` (a directory
 of holder files beside the segment, changed under ``flock``) or :class:`RedisRefTable` (a hash
-changed by Lua scripts). Another ProxyStore connector plugs in by implementing the protocol.
+changed by Lua scripts). Another ProxyStore connector plugs in by implementing the protocol
+and returning its table from a ``ref_table()`` method (as a topology store does, see
+:mod:`proxy_patterns.topology`).
 """
 
 from __future__ import annotations
@@ -145,8 +147,11 @@ class SharedMemoryRefTable:
     removed whenever the record is read.
     """
 
-    def __init__(self, connector: SharedMemoryConnector) -> None:
+    def __init__(self, connector: SharedMemoryConnector, lease: str | None = None) -> None:
         self.connector = connector
+        self._lease = lease
+        """The lease of the holders this table adds: this process's tag unless given (a peer
+        server adds holders for processes on other hosts, see :mod:`~proxy_patterns.topology`)."""
 
     def _directory(self, key: SharedMemoryKey) -> str:
         return self.connector.path(key) + REFS_SUFFIX
@@ -188,7 +193,7 @@ class SharedMemoryRefTable:
         return True
 
     def create(self, key: SharedMemoryKey) -> str:
-        return self._create(key, [_new_holder("owner", process_tag())])[0]
+        return self._create(key, [_new_holder("owner", self.lease())])[0]
 
     def create_held(self, key: SharedMemoryKey, leases: Sequence[str]) -> list[str]:
         return self._create(key, [_new_holder("ref", lease) for lease in leases])
@@ -205,7 +210,7 @@ class SharedMemoryRefTable:
         return holders
 
     def lease(self) -> str:
-        return process_tag()
+        return self._lease or process_tag()
 
     def lease_alive(self, lease: str) -> bool:
         return lease_alive(self.connector.directory, lease)
@@ -216,12 +221,12 @@ class SharedMemoryRefTable:
             if not live:
                 raise ReferenceInvalidError(f"object {key.name} has no live reference left")
             _check_borrow(key.name, kind, live)
-            holder = _new_holder(kind, process_tag())
+            holder = _new_holder(kind, self.lease())
             self._touch(directory, holder)
             return holder
 
     def claim(self, key: SharedMemoryKey, holder: str) -> str:
-        new = _new_holder(holder_kind(holder), process_tag())
+        new = _new_holder(holder_kind(holder), self.lease())
         with self._locked(key) as directory:
             try:
                 os.rename(os.path.join(directory, holder), os.path.join(directory, new))
@@ -438,7 +443,9 @@ def ref_table_for(store: Store[Any]) -> RefTable:
     with _tables_lock:
         table: RefTable | None = getattr(connector, _TABLE, None)
         if table is None:
-            if isinstance(connector, SharedMemoryConnector):
+            if (own_table := getattr(connector, "ref_table", None)) is not None:
+                table = own_table()  # a connector that keeps its records its own way
+            elif isinstance(connector, SharedMemoryConnector):
                 table = SharedMemoryRefTable(connector)
             elif (client := redis_client_of(connector)) is not None:
                 table = new_redis_table = RedisRefTable(client)

@@ -55,7 +55,8 @@ class PayloadSignatureError(ValueError):
     refused before anything in it was unpickled."""
 
 
-def _signing_key() -> bytes | None:
+def signing_key() -> bytes | None:
+    """This process's signing key, ``$PROXY_PATTERNS_HMAC_KEY``; None when unset."""
     key = os.environ.get(HMAC_KEY_ENV)
     return key.encode() if key else None
 
@@ -173,7 +174,7 @@ class Frames:
         alignment."""
         frames = self.frames
         lengths = b"".join(_LENGTH.pack(f.nbytes) for f in frames)
-        key = _signing_key()
+        key = signing_key()
         if key is None:
             header = _COUNT.pack(MAGIC, len(frames)) + lengths
         else:
@@ -344,7 +345,7 @@ def deserialize(data: BytesLike) -> Any:
         offset += length + _padding(length)
     if offset - _padding(lengths[-1] if lengths else 0) > view.nbytes:
         raise ValueError(f"truncated payload: {view.nbytes} bytes of {offset} expected")
-    key = _signing_key()
+    key = signing_key()
     if key is not None and magic != SIGNED_MAGIC:
         raise PayloadSignatureError(
             f"payload is not signed, and ${HMAC_KEY_ENV} is set: refused (it was written by a "

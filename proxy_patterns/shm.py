@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 from proxystore.serialize import BytesLike
 
+from proxy_patterns.hosts import StoreUnreachableError, host_identity, unreachable_message
 from proxy_patterns.liveness import process_tag, tag_alive
 from proxy_patterns.serialize import Frames
 
@@ -93,10 +94,18 @@ class UnpublishedSegment(NamedTuple):
 
 
 class SharedMemoryKey(NamedTuple):
-    """Key of one segment: its file name inside the connector's directory and its size."""
+    """Key of one segment: its file name inside the connector's directory and its size, and
+    where it is."""
 
     name: str
     nbytes: int
+    host: str = ""
+    """The :func:`~proxy_patterns.hosts.host_identity` of the host whose shared memory holds
+    the segment: a read on another host fails at once instead of finding nothing (or another
+    object of that name). Empty: not checked."""
+    address: str = ""
+    """A peer server on that host that sends the segment to other hosts (topology stores,
+    :mod:`proxy_patterns.topology`); empty for a store of one host."""
 
 
 class _CreatedSegments:
@@ -152,15 +161,38 @@ STREAM_LEASE_PREFIX = "stream-"
 """A holder leased by a stream (``stream-<id>``) lives as long as the stream's topic does."""
 
 
+PEER_LEASE_PREFIX = "peer-"
+"""A holder leased by a process on another host (``peer-<id>``) lives while that process
+renews the lease's file (``proxy-patterns.lease-peer-<id>``) through this host's peer server
+(see :mod:`proxy_patterns.topology`): another host's processes are not in this one's table."""
+PEER_LEASE_SECONDS = 15.0
+"""A peer lease not renewed for this long has ended (its process renews it every third)."""
+_LEASE_FILE_PREFIX = "proxy-patterns.lease-"
+
+
+def peer_lease_path(directory: str, tag: str) -> str:
+    """The file whose modification time says when the peer lease ``tag`` was last renewed."""
+    return os.path.join(directory, _LEASE_FILE_PREFIX + tag)
+
+
+def _peer_lease_alive(path: str) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < PEER_LEASE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
 def lease_alive(directory: str, tag: str) -> bool:
     """Whether the lease ``tag`` of a holder of an object in the store ``directory`` is alive.
 
     A process tag is alive while its process runs (:func:`tag_alive`); a stream's lease while
     the stream's topic exists: an item waiting in a queue is held by the queue, not by the
-    process that sent it.
+    process that sent it; a peer lease while its process on another host renews it.
     """
     if tag.startswith(STREAM_LEASE_PREFIX):
         return os.path.isdir(os.path.join(directory, f"{SEGMENT_PREFIX}{tag}{TOPIC_SUFFIX}"))
+    if tag.startswith(PEER_LEASE_PREFIX):
+        return _peer_lease_alive(peer_lease_path(directory, tag))
     return tag_alive(tag)
 
 
@@ -199,6 +231,10 @@ def remove_stale_segments(directory: str = DEFAULT_DIRECTORY) -> list[str]:
             continue
         if name.startswith(SPARE_PREFIX):
             if not alive(_spare_maker_and_size(name)[0]):
+                _unlink(os.path.join(directory, name))
+            continue
+        if name.startswith(_LEASE_FILE_PREFIX):
+            if not _peer_lease_alive(os.path.join(directory, name)):
                 _unlink(os.path.join(directory, name))
             continue
         if not name.startswith(SEGMENT_PREFIX) or name.endswith(TOPIC_SUFFIX):
@@ -461,6 +497,9 @@ class SharedMemoryConnector:
             Spares are never counted as keys and never cause a :class:`StoreCapacityError`.
     """
 
+    serves_other_hosts = False
+    """Whether processes on other hosts can read its objects (a topology store's can)."""
+
     def __init__(
         self,
         directory: str = DEFAULT_DIRECTORY,
@@ -504,7 +543,7 @@ class SharedMemoryConnector:
         finally:
             os.close(fd)
             _unlink(tmp)
-        return SharedMemoryKey(name, nbytes)
+        return self.make_key(name, nbytes)
 
     def _create(self, tmp: str, nbytes: int, mode: int) -> int:
         """Open a new file of ``nbytes`` at ``tmp`` (``mode``: ``os.O_WRONLY`` or ``os.O_RDWR``).
@@ -586,7 +625,11 @@ class SharedMemoryConnector:
             with self._lock:
                 self._created.add(path)
             _created.add(path)
-        return SharedMemoryKey(name, 0)
+        return self.make_key(name, 0)
+
+    def make_key(self, name: str, nbytes: int) -> SharedMemoryKey:
+        """The key of this host's segment ``name`` of ``nbytes``."""
+        return SharedMemoryKey(name, nbytes, host_identity())
 
     def set(self, key: SharedMemoryKey, obj: BytesLike) -> None:
         """Write the object of a key from :meth:`new_key`; raises KeyExistsError if set."""
@@ -619,7 +662,16 @@ class SharedMemoryConnector:
 
         The mapping holds a shared lock on the segment for as long as it lives (the ``mmap``
         object keeps a duplicate of the descriptor), so the segment is not reused meanwhile.
+        Raises :class:`~proxy_patterns.hosts.StoreUnreachableError` if the segment is another
+        host's.
         """
+        if key.host and key.host != host_identity():
+            raise StoreUnreachableError(
+                unreachable_message(f"object {key.name} of store shm://{self.directory}", key.host)
+            )
+        return self._map(key)
+
+    def _map(self, key: SharedMemoryKey) -> memoryview | None:
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -10,6 +10,10 @@ A *store spec* names a ProxyStore connector and where it keeps its bytes:
                        how much of evicted segments to keep for reuse, 0 for none)
 ``file:///some/dir``   ProxyStore ``FileConnector`` (never deletes the directory on close)
 ``redis://host:port``  ProxyStore ``RedisConnector`` (multi-node)
+``topology``           :class:`~proxy_patterns.topology.TopologyConnector`: shared memory
+                       within each host, objects pulled peer to peer, once per host, across
+                       hosts (multi-node, no server; ``topology:///tmpfs/dir``,
+                       ``?address=`` this host's address for other hosts)
 =====================  ========================================================
 
 The default spec comes from the ``PROXY_PATTERNS_STORE`` environment variable, else ``shm``.
@@ -88,6 +92,12 @@ def connector_from_spec(spec: str) -> Connector[Any]:
         return SharedMemoryConnector(
             url.path or DEFAULT_DIRECTORY, owner=owner, spare_bytes=spare_bytes
         )
+    if url.scheme == "topology" or (url.scheme == "" and url.path == "topology"):
+        from proxy_patterns.topology import TopologyConnector
+
+        address = parse_qs(url.query).get("address", [None])[0]
+        directory = url.path if url.scheme else DEFAULT_DIRECTORY
+        return TopologyConnector(directory or DEFAULT_DIRECTORY, address=address)
     if url.scheme == "file" and url.path:
         from proxystore.connectors.file import FileConnector
 
@@ -99,7 +109,8 @@ def connector_from_spec(spec: str) -> Connector[Any]:
         return connector_from_url(spec)
     raise ValueError(
         f"unknown store spec {public_spec(spec)!r}: expected 'shm', 'shm:///tmpfs/dir', "
-        "'file:///dir' or 'redis[s]://[user[:password]@]host:port[/db][?ca_file=...]'"
+        "'topology', 'topology:///tmpfs/dir[?address=...]', 'file:///dir' or "
+        "'redis[s]://[user[:password]@]host:port[/db][?ca_file=...]'"
     )
 
 
@@ -124,7 +135,8 @@ def spec_owned_by(spec: str | None, owner: str) -> str:
     """
     spec = spec or default_spec()
     connector = connector_from_spec(spec)
-    if not isinstance(connector, SharedMemoryConnector):
+    if not isinstance(connector, SharedMemoryConnector) or connector.serves_other_hosts:
+        # (a process of one host is nobody's owner on another: records decide there)
         return public_spec(spec)
     return f"shm://{connector.directory}?owner={owner}&spare_bytes={connector.spare_bytes}"
 

@@ -1,0 +1,393 @@
+"""Topology-aware stores: shared memory within a host, and each object's bytes pulled at most
+once per host, peer to peer, across hosts.
+
+The store spec ``topology`` (``topology:///tmpfs/dir?address=10.0.0.5``) is the shared-memory
+store of :mod:`proxy_patterns.shm` with keys that also say where their object is: the
+:func:`~proxy_patterns.hosts.host_identity` of the host that put it and the endpoint of a
+peer server there (:mod:`proxy_patterns.peers`), run by the process that put it.
+
+* On the object's own host a read maps the segment, as on a one-host store.
+* On another host the first reader pulls the bytes from that peer server into a *replica*: a
+  segment of the same name in its own host's shared memory, which every later reader on that
+  host maps. One fetch per host at a time (a host-wide lock), so an object crosses each host
+  boundary once, however many tasks there read it.
+* A replica is held, in its host's reference records, by the process that fetched it; that
+  process checks every :data:`~proxy_patterns.records.WATCH_INTERVAL` whether the object
+  still exists on its host and drops the replica once it does not. The object itself goes by
+  its own record, on its own host (:class:`TopologyRefTable`), where holders from other
+  hosts hold *peer leases* renewed through the peer server: a process that dies on another
+  host stops renewing and its holders end (:data:`~proxy_patterns.shm.PEER_LEASE_SECONDS`).
+
+No server runs on the data path: bytes go from the host that has them to the host that reads
+them. The advertised address is ``address`` in the spec, else ``$PROXY_PATTERNS_PEER_ADDRESS``,
+else this host's name's address (``127.0.0.1`` if it has none): set it where the host's name
+resolves to an interface other hosts cannot reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from proxy_patterns.hosts import StoreUnreachableError, host_identity
+from proxy_patterns.peers import PeerError, PeerServer, RemoteError, request
+from proxy_patterns.records import (
+    WATCH_INTERVAL,
+    Kind,
+    MutableBorrowError,
+    ReferenceInvalidError,
+    SharedMemoryRefTable,
+)
+from proxy_patterns.shm import (
+    DEFAULT_DIRECTORY,
+    PEER_LEASE_PREFIX,
+    PEER_LEASE_SECONDS,
+    SharedMemoryConnector,
+    SharedMemoryKey,
+    peer_lease_path,
+)
+
+PEER_ADDRESS_ENV = "PROXY_PATTERNS_PEER_ADDRESS"
+"""The address other hosts reach this host's peer servers at (default: the host name's)."""
+_FETCH_LOCK = "proxy-patterns.fetching"
+"""A store directory's lock file, held while a replica is fetched (no key: never counted)."""
+_REMOTE_ERRORS: dict[str, type[Exception]] = {
+    "ReferenceInvalidError": ReferenceInvalidError,
+    "MutableBorrowError": MutableBorrowError,
+}
+
+
+def default_address() -> str:
+    """``$PROXY_PATTERNS_PEER_ADDRESS``, else the address this host's name resolves to."""
+    if address := os.environ.get(PEER_ADDRESS_ENV):
+        return address
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class TopologyConnector(SharedMemoryConnector):
+    """A :class:`~proxy_patterns.shm.SharedMemoryConnector` whose objects every host can read.
+
+    Args:
+        directory: This host's tmpfs directory (each host has its own, of the same name).
+        address: The address other hosts reach this host at (see the module docstring).
+        owner, spare_bytes: As for :class:`~proxy_patterns.shm.SharedMemoryConnector`.
+    """
+
+    serves_other_hosts = True
+
+    def __init__(
+        self,
+        directory: str = DEFAULT_DIRECTORY,
+        address: str | None = None,
+        owner: str | None = None,
+        spare_bytes: int | None = None,
+    ) -> None:
+        super().__init__(directory, owner, spare_bytes)
+        self.address = address or default_address()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(directory={self.directory!r}, address={self.address!r})"
+
+    def make_key(self, name: str, nbytes: int) -> SharedMemoryKey:
+        """The key of this host's segment ``name``, with the endpoint that serves it."""
+        return SharedMemoryKey(name, nbytes, host_identity(), _server_of(self).endpoint)
+
+    def is_local(self, key: SharedMemoryKey) -> bool:
+        """Whether ``key``'s object is in this host's shared memory (not a replica of it)."""
+        return not key.address or key.host == host_identity()
+
+    def get(self, key: SharedMemoryKey) -> memoryview | None:
+        """Map the object: the segment on its own host, else this host's replica of it,
+        fetched first if there is none. None if the object was evicted."""
+        if self.is_local(key):
+            return super().get(key)
+        view = self._map(key)
+        if view is not None:
+            return view
+        with self._fetch_lock():
+            return self._map(key) or self._fetch(key)
+
+    @contextlib.contextmanager
+    def _fetch_lock(self) -> Iterator[None]:
+        fd = os.open(os.path.join(self.directory, _FETCH_LOCK), os.O_RDONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _fetch(self, key: SharedMemoryKey) -> memoryview | None:
+        found, *data = _ask(key, b"get", key.name.encode())
+        if found.bytes != b"1":
+            return None
+        payload = data[0].buffer
+        replica = _replica_key(key)
+        tmp, fd = self.create_unpublished(payload.nbytes)
+        try:
+            os.pwrite(fd, payload, 0)
+            table = SharedMemoryRefTable(self)
+            # The record first: a segment found without one is taken for a stale one.
+            (holder,) = table.create_held(replica, [table.lease()])
+            try:
+                self.publish(tmp, key.name)
+            except BaseException:
+                table.drop(replica, holder)
+                raise
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        _replicas.add(self, key, holder)
+        return self._map(key)
+
+    def exists(self, key: SharedMemoryKey) -> bool:
+        """Whether the object is still in the store of its host."""
+        if self.is_local(key):
+            return super().exists(key)
+        found: bytes = _ask(key, b"exists", key.name.encode())[0].bytes
+        return found == b"1"
+
+    def evict(self, key: SharedMemoryKey) -> None:
+        """Evict the object on its host (and so, soon after, every replica of it)."""
+        if self.is_local(key):
+            super().evict(key)
+        else:
+            _ask(key, b"evict", key.name.encode(), str(key.nbytes).encode())
+
+    def ref_table(self) -> TopologyRefTable:
+        """The reference records of this store's objects (see :class:`TopologyRefTable`)."""
+        return TopologyRefTable(self)
+
+    def config(self) -> dict[str, Any]:
+        """Configuration that re-creates the connector in another process, on any host."""
+        return {**super().config(), "address": self.address}
+
+
+def _replica_key(key: SharedMemoryKey) -> SharedMemoryKey:
+    """The key of this host's replica of another host's object: a local segment."""
+    return key._replace(host=host_identity(), address="")
+
+
+def _ask(key: SharedMemoryKey, *frames: bytes) -> list[Any]:
+    """Send a request about ``key`` to the peer server that serves it."""
+    try:
+        return request(key.address, *frames)
+    except PeerError as e:
+        raise StoreUnreachableError(
+            f"object {key.name} is on host {key.host!r}, served at {key.address}, and this "
+            f"process on {host_identity()!r} cannot get it: {e}. If that host's address is "
+            f"wrong, set ${PEER_ADDRESS_ENV} there (or ?address= in the store spec); if the "
+            "process that put the object has exited, its objects went with it"
+        ) from e
+    except RemoteError as e:
+        raise _REMOTE_ERRORS.get(e.kind, RemoteError)(str(e)) from e
+
+
+class TopologyRefTable:
+    """Reference records of a topology store: each on its object's host.
+
+    A record of this host's object is changed here (:class:`SharedMemoryRefTable`); a record
+    of another host's object by that host's peer server, for holders leased by this process's
+    peer lease there.
+    """
+
+    def __init__(self, connector: TopologyConnector) -> None:
+        self.connector = connector
+        self.local = SharedMemoryRefTable(connector)
+
+    def _remote(self, key: SharedMemoryKey, method: str, *args: Any) -> Any:
+        lease = _leases.lease_at(key)
+        arguments = json.dumps([key.name, key.nbytes, *args]).encode()
+        (result,) = _ask(key, b"table", method.encode(), lease.encode(), arguments)
+        return json.loads(result.bytes)
+
+    def create(self, key: SharedMemoryKey) -> str:
+        return self.local.create(key)  # only this host's objects are created here
+
+    def create_held(self, key: SharedMemoryKey, leases: Sequence[str]) -> list[str]:
+        return self.local.create_held(key, leases)
+
+    def lease(self) -> str:
+        return self.local.lease()
+
+    def lease_alive(self, lease: str) -> bool:
+        return self.local.lease_alive(lease)
+
+    def add(self, key: SharedMemoryKey, kind: Kind) -> str:
+        if self.connector.is_local(key):
+            return self.local.add(key, kind)
+        return str(self._remote(key, "add", kind))
+
+    def claim(self, key: SharedMemoryKey, holder: str) -> str:
+        if self.connector.is_local(key):
+            return self.local.claim(key, holder)
+        return str(self._remote(key, "claim", holder))
+
+    def drop(self, key: SharedMemoryKey, holder: str) -> bool:
+        if self.connector.is_local(key):
+            return self.local.drop(key, holder)
+        return bool(self._remote(key, "drop", holder))
+
+    def prune(self, key: SharedMemoryKey) -> bool:
+        if self.connector.is_local(key):
+            return self.local.prune(key)
+        return bool(self._remote(key, "prune"))
+
+    def holders(self, key: SharedMemoryKey) -> list[str]:
+        if self.connector.is_local(key):
+            return self.local.holders(key)
+        return list(self._remote(key, "holders"))
+
+    def sweep(self) -> int:
+        return self.local.sweep()
+
+
+_TABLE_METHODS = frozenset({"add", "claim", "drop", "prune", "holders"})
+
+
+class _Handlers:
+    """What a process's peer server answers, about the segments of its host's ``directory``."""
+
+    def __init__(self, connector: TopologyConnector) -> None:
+        self.connector = connector
+
+    def _key(self, name: bytes, nbytes: bytes = b"0") -> SharedMemoryKey:
+        return SharedMemoryKey(name.decode(), int(nbytes), host_identity())
+
+    def get(self, args: list[bytes]) -> list[Any]:
+        view = self.connector._map(self._key(args[0]))
+        return [b"0"] if view is None else [b"1", view]
+
+    def exists(self, args: list[bytes]) -> list[Any]:
+        return [b"1" if self.connector.exists(self._key(args[0])) else b"0"]
+
+    def evict(self, args: list[bytes]) -> list[Any]:
+        self.connector.evict(self._key(*args))
+        return []
+
+    def table(self, args: list[bytes]) -> list[Any]:
+        method, lease, arguments = (a.decode() for a in args)
+        if method not in _TABLE_METHODS or not lease.startswith(PEER_LEASE_PREFIX):
+            raise ValueError(f"no such request: {method} for {lease}")
+        name, nbytes, *rest = json.loads(arguments)
+        table = SharedMemoryRefTable(self.connector, lease=lease)
+        key = SharedMemoryKey(name, nbytes, host_identity())
+        return [json.dumps(getattr(table, method)(key, *rest)).encode()]
+
+    def renew(self, args: list[bytes]) -> list[Any]:
+        lease = args[0].decode()
+        if not lease.startswith(PEER_LEASE_PREFIX) or "/" in lease:
+            raise ValueError(f"not a peer lease: {lease!r}")
+        path = peer_lease_path(self.connector.directory, lease)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.utime(path)
+        return []
+
+
+_servers: dict[tuple[int, str, str], PeerServer] = {}
+_servers_lock = threading.Lock()
+
+
+def _server_of(connector: TopologyConnector) -> PeerServer:
+    """This process's peer server for ``connector``'s directory, started on first use."""
+    index = (os.getpid(), connector.directory, connector.address)
+    with _servers_lock:
+        server = _servers.get(index)
+        if server is None:
+            handlers = _Handlers(connector)
+            server = _servers[index] = PeerServer(
+                connector.address,
+                {
+                    b"get": handlers.get,
+                    b"exists": handlers.exists,
+                    b"evict": handlers.evict,
+                    b"table": handlers.table,
+                    b"renew": handlers.renew,
+                },
+            )
+        return server
+
+
+class _PeerLeases:
+    """This process's peer lease at each host it holds objects of, renewed in a thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._tag = ""
+        self._endpoints: set[str] = set()
+
+    def lease_at(self, key: SharedMemoryKey) -> str:
+        """The lease, valid at ``key``'s host from now on (created there on first use)."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child is another holder
+                self._pid, self._endpoints = os.getpid(), set()
+                self._tag = f"{PEER_LEASE_PREFIX}{os.urandom(8).hex()}"
+                renewer = threading.Thread(target=self._renew_forever, name="peer-leases")
+                renewer.daemon = True
+                renewer.start()
+            known = key.address in self._endpoints
+            tag = self._tag
+        if not known:
+            _ask(key, b"renew", tag.encode())
+            with self._lock:
+                self._endpoints.add(key.address)
+        return tag
+
+    def _renew_forever(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(PEER_LEASE_SECONDS / 3)
+            with self._lock:
+                endpoints, tag = list(self._endpoints), self._tag
+            for endpoint in endpoints:
+                with contextlib.suppress(PeerError):  # a host gone: its holders went with it
+                    request(endpoint, b"renew", tag.encode())
+
+
+_leases = _PeerLeases()
+
+
+class _Replicas:
+    """The replicas this process fetched, dropped once their object is gone from its host."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], tuple[TopologyConnector, SharedMemoryKey, str]] = {}
+        self._pid = -1
+
+    def add(self, connector: TopologyConnector, key: SharedMemoryKey, holder: str) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._held = os.getpid(), {}
+                threading.Thread(target=self._watch, name="replicas", daemon=True).start()
+            self._held[(connector.directory, key.name)] = (connector, key, holder)
+
+    def _watch(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(WATCH_INTERVAL)
+            with self._lock:
+                held = list(self._held.items())
+            for index, (connector, key, holder) in held:
+                try:
+                    gone = not connector.exists(key)
+                except StoreUnreachableError:
+                    gone = True  # its host's server is gone, and with it the object
+                if gone:
+                    with contextlib.suppress(ReferenceInvalidError):
+                        SharedMemoryRefTable(connector).drop(_replica_key(key), holder)
+                    with self._lock:
+                        self._held.pop(index, None)
+
+
+_replicas = _Replicas()
