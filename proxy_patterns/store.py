@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 
 STORE_ENV = "PROXY_PATTERNS_STORE"
 DEFAULT_SPEC = "shm"
+TOPOLOGY_SPEC = "topology"
+"""The store of a cluster whose processes run on several hosts (see
+:mod:`proxy_patterns.topology`)."""
 
 # What proxy-patterns keeps in Redis beside an object's own key (``<key>``):
 LEASE_PREFIX = "proxy-patterns:lease:"
@@ -92,7 +95,7 @@ def connector_from_spec(spec: str) -> Connector[Any]:
         return SharedMemoryConnector(
             url.path or DEFAULT_DIRECTORY, owner=owner, spare_bytes=spare_bytes
         )
-    if url.scheme == "topology" or (url.scheme == "" and url.path == "topology"):
+    if url.scheme == TOPOLOGY_SPEC or (url.scheme == "" and url.path == TOPOLOGY_SPEC):
         from proxy_patterns.topology import TopologyConnector
 
         address = parse_qs(url.query).get("address", [None])[0]

@@ -20,14 +20,15 @@ peer server there (:mod:`proxy_patterns.peers`), run by the process that put it.
 
 No server runs on the data path: bytes go from the host that has them to the host that reads
 them. The advertised address is ``address`` in the spec, else ``$PROXY_PATTERNS_PEER_ADDRESS``,
-else this host's name's address (``127.0.0.1`` if it has none): set it where the host's name
-resolves to an interface other hosts cannot reach.
+else the address of this host's outgoing interface: set the variable on each host whose
+other hosts reach it on another interface (a fast cluster network, for example).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -65,13 +66,19 @@ _REMOTE_ERRORS: dict[str, type[Exception]] = {
 
 
 def default_address() -> str:
-    """``$PROXY_PATTERNS_PEER_ADDRESS``, else the address this host's name resolves to."""
-    if address := os.environ.get(PEER_ADDRESS_ENV):
-        return address
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+    """``$PROXY_PATTERNS_PEER_ADDRESS``, else the address of the interface this host reaches
+    other networks by (as ``distributed.utils.get_ip`` finds it), else ``127.0.0.1``."""
+    return os.environ.get(PEER_ADDRESS_ENV) or _outgoing_interface()
+
+
+@functools.cache
+def _outgoing_interface() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 80))  # UDP: chooses a route, sends nothing
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
 
 class TopologyConnector(SharedMemoryConnector):
@@ -93,10 +100,17 @@ class TopologyConnector(SharedMemoryConnector):
         spare_bytes: int | None = None,
     ) -> None:
         super().__init__(directory, owner, spare_bytes)
-        self.address = address or default_address()
+        self.address = address
+        """The address given in the spec, which every host then uses; else each host's own
+        :func:`default_address` (not sent with the store's config to other hosts)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(directory={self.directory!r}, address={self.address!r})"
+
+    @property
+    def advertised_address(self) -> str:
+        """The address this host's peer servers listen on and other hosts reach them at."""
+        return self.address or default_address()
 
     def make_key(self, name: str, nbytes: int) -> SharedMemoryKey:
         """The key of this host's segment ``name``, with the endpoint that serves it."""
@@ -259,13 +273,17 @@ class _Handlers:
 
     def __init__(self, connector: TopologyConnector) -> None:
         self.connector = connector
+        self.sent_bytes = 0
 
     def _key(self, name: bytes, nbytes: bytes = b"0") -> SharedMemoryKey:
         return SharedMemoryKey(name.decode(), int(nbytes), host_identity())
 
     def get(self, args: list[bytes]) -> list[Any]:
         view = self.connector._map(self._key(args[0]))
-        return [b"0"] if view is None else [b"1", view]
+        if view is None:
+            return [b"0"]
+        self.sent_bytes += view.nbytes
+        return [b"1", view]
 
     def exists(self, args: list[bytes]) -> list[Any]:
         return [b"1" if self.connector.exists(self._key(args[0])) else b"0"]
@@ -293,19 +311,19 @@ class _Handlers:
         return []
 
 
-_servers: dict[tuple[int, str, str], PeerServer] = {}
+_servers: dict[tuple[int, str, str], tuple[PeerServer, _Handlers]] = {}
 _servers_lock = threading.Lock()
 
 
 def _server_of(connector: TopologyConnector) -> PeerServer:
     """This process's peer server for ``connector``'s directory, started on first use."""
-    index = (os.getpid(), connector.directory, connector.address)
+    address = connector.advertised_address
+    index = (os.getpid(), connector.directory, address)
     with _servers_lock:
-        server = _servers.get(index)
-        if server is None:
+        if index not in _servers:
             handlers = _Handlers(connector)
-            server = _servers[index] = PeerServer(
-                connector.address,
+            server = PeerServer(
+                address,
                 {
                     b"get": handlers.get,
                     b"exists": handlers.exists,
@@ -314,7 +332,16 @@ def _server_of(connector: TopologyConnector) -> PeerServer:
                     b"renew": handlers.renew,
                 },
             )
-        return server
+            _servers[index] = (server, handlers)
+        return _servers[index][0]
+
+
+def bytes_served() -> int:
+    """Bytes of objects this process's peer servers sent to other hosts: what crossed host
+    boundaries from here (benchmarks and tests count them)."""
+    pid = os.getpid()
+    with _servers_lock:
+        return sum(h.sent_bytes for (p, _, _), (_, h) in _servers.items() if p == pid)
 
 
 class _PeerLeases:

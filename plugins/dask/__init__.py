@@ -16,7 +16,8 @@ Three parts, each on the Dask hook made for its side, one module each:
   (:mod:`proxy_patterns.ownership`); the record evicts the key when nothing holds it.
 
 Configuration: ``dask.config`` keys ``proxy-patterns.threshold`` (default ``1 MiB``) and
-``proxy-patterns.store`` (a store spec, default ``$PROXY_PATTERNS_STORE`` or ``shm``), also as
+``proxy-patterns.store`` (a store spec, default ``$PROXY_PATTERNS_STORE``, else ``topology``
+when :func:`register` finds workers on another host than the client's, else ``shm``), also as
 ``DASK_PROXY_PATTERNS__THRESHOLD`` / ``DASK_PROXY_PATTERNS__STORE``. Clusters started from the
 command line load it with ``--preload proxy_patterns.plugins.dask`` (scheduler and workers) and
 the ``distributed.client.preload`` config (clients).
@@ -24,12 +25,14 @@ the ``distributed.client.preload`` config (clients).
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
 from proxystore.proxy import Proxy, get_factory
 
 from proxy_patterns.extras import requires_extra
+from proxy_patterns.hosts import host_identity
 
 # The package's modules import Dask too: this runs first, so it guards them all.
 with requires_extra("dask", __name__):
@@ -44,6 +47,7 @@ from proxy_patterns.plugins.dask.protocol import PLUGIN_NAME
 from proxy_patterns.plugins.dask.scheduler import ProxySchedulerPlugin
 from proxy_patterns.plugins.dask.worker import ProxyWorkerPlugin
 from proxy_patterns.policy import DEFAULT_THRESHOLD, ProxyPolicy
+from proxy_patterns.store import STORE_ENV, TOPOLOGY_SPEC
 
 __all__ = [
     "PLUGIN_NAME",
@@ -83,6 +87,17 @@ def _configured_store(store: str | None) -> str | None:
     return store if store is not None else dask.config.get("proxy-patterns.store")
 
 
+def _store_for_cluster(client: Client, store: str | None) -> str | None:
+    """The configured store; if none is, ``topology`` for a cluster whose workers are on
+    other hosts than the client (one host's shared memory would not reach them)."""
+    spec = _configured_store(store)
+    if spec is None and not os.environ.get(STORE_ENV):
+        here = host_identity()
+        if any(host != here for host in client.run(host_identity).values()):
+            return TOPOLOGY_SPEC
+    return spec
+
+
 _registered: weakref.WeakKeyDictionary[Client, DaskProxyPlugin] = weakref.WeakKeyDictionary()
 
 
@@ -116,8 +131,9 @@ def register(
         client: A connected ``distributed.Client``.
         threshold: Objects larger than this travel by proxy (``"1 MiB"``-style strings work);
             default ``proxy-patterns.threshold``.
-        store: Store spec (``shm``, ``redis://host:port``, ...); default
-            ``proxy-patterns.store``, else ``$PROXY_PATTERNS_STORE``, else ``shm``.
+        store: Store spec (``shm``, ``topology``, ``redis://host:port``, ...); default
+            ``proxy-patterns.store``, else ``$PROXY_PATTERNS_STORE``, else ``topology`` if
+            workers run on another host than the client, else ``shm``.
         resolve_results: ``result()``, ``gather`` and ``compute`` return real objects (default);
             with False, large results come back as proxies, resolved on first use, that keep
             their task's key alive while they live.
@@ -125,7 +141,8 @@ def register(
     Returns:
         The client side of the plugin (see :meth:`DaskProxyPlugin.stats`).
     """
-    plugin, on_scheduler, on_workers = _prepare(client, threshold, store, resolve_results)
+    spec = _store_for_cluster(client, store)
+    plugin, on_scheduler, on_workers = _prepare(client, threshold, spec, resolve_results)
     client.register_plugin(on_scheduler, name=PLUGIN_NAME)
     client.register_plugin(on_workers, name=PLUGIN_NAME)
     return _install(client, plugin)
