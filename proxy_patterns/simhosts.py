@@ -185,16 +185,17 @@ class SimulatedHost(Host):
     def close(self) -> None:
         """Kill every process on this host and wait until none is left."""
         deadline = time.monotonic() + self.timeout
+        ours: list[subprocess.Popen[Any]] = [self.anchor, *self._started]
         while pids := self.processes():  # again: one may have forked meanwhile
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            for process in [self.anchor, *self._started]:
+            for process in ours:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(0.1)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"processes {pids} of simulated host {self.name!r} survive")
-        for process in [self.anchor, *self._started]:
+        for process in ours:
             process.wait(self.timeout)
         for stream in (self.anchor.stdout, self.anchor.stderr):
             if stream is not None:
