@@ -4,13 +4,19 @@ them by reference (the test directory is on the workers' ``PYTHONPATH``, see con
 from __future__ import annotations
 
 import os
+import shlex
+import socket
+import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import task_objects
 from parsl import python_app
+from parsl.launchers.base import Launcher
 
 from proxy_patterns.proxy import is_proxy
+from proxy_patterns.simhosts import Host
 
 HTEX = "htex"
 THREADS = "threads"
@@ -140,3 +146,31 @@ def dies_once(x: Any, marker: str, what: str) -> float:
         open(marker, "w").close()
         os.kill(os.getpid() if what == "worker" else os.getppid(), signal.SIGKILL)
     return float(np.sum(x))
+
+
+@python_app(executors=[HTEX])
+def meet(address: tuple[str, int]) -> str:
+    """Tell the test at ``address`` this worker's hostname, and return it once the test has
+    heard from every worker it waits for (so that each app runs on a worker of its own)."""
+    with socket.create_connection(address) as connection:
+        connection.sendall(socket.gethostname().encode() + b"\n")
+        assert connection.recv(2) == b"go"
+    return socket.gethostname()
+
+
+class SimulatedHostsLauncher(Launcher):
+    """Starts a block's command once on each host of ``hosts``, as ``srun`` starts it on each
+    node of a job: one HTEX manager per simulated host (``nodes_per_block=len(hosts)``)."""
+
+    def __init__(self, hosts: Sequence[Host]) -> None:
+        super().__init__(debug=False)
+        self.hosts = hosts
+
+    def __call__(
+        self, command: str, tasks_per_node: int, nodes_per_block: int, script_dir: str = ""
+    ) -> str:
+        if nodes_per_block != len(self.hosts):
+            raise ValueError(f"nodes_per_block={nodes_per_block}, for {len(self.hosts)} hosts")
+        cwd = tempfile.gettempdir()  # no source tree there to shadow the installed package
+        starts = [shlex.join(host.command(["bash", "-c", command], cwd)) for host in self.hosts]
+        return "\n".join([*(f"{start} &" for start in starts), "wait"])

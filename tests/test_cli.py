@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from proxy_patterns.simhosts import namespaces_available
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> str:
@@ -116,6 +119,26 @@ def test_bench_globus_runs_the_workflow_plain_and_through_the_store(tmp_path: Pa
     assert "goal: proxies >= 1.3x faster than plain:" in output
     assert "goal: 0 keys left in the store after each proxies run: 0 [met]" in output
     assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
+def test_bench_multinode_runs_across_two_simulated_hosts_and_leaves_no_keys() -> None:
+    from proxy_patterns.bench.multinode import topology_available
+
+    output = _run("bench", "multinode", "--quick")
+    header = next(line for line in output.splitlines() if line.startswith("|"))
+    modes = ["redis", "topology"] if topology_available() else ["redis"]
+    assert [c.strip() for c in header.strip("|").split("|")][2 : 2 + len(modes)] == [
+        f"plugin {mode} (s)" for mode in modes
+    ]
+    rows = _table_rows(output)
+    assert [row[0][0] for row in rows] == ["a", "b"]
+    left = {"redis": "server=0", "topology": f"{socket.gethostname()}=0, pp-host-b=0"}
+    for row in rows:
+        assert all(float(t) > 0 for t in row[1 : 2 + len(modes)])
+        assert row[-1] == "; ".join(f"{mode}: {left[mode]}" for mode in modes)
+    assert f"hosts {socket.gethostname()}, pp-host-b: 1 worker x 1 thread each" in output
+    assert "goal: 0 entries left on each host after each run: 0 left [met]" in output
 
 
 def test_unknown_benchmark_is_refused() -> None:

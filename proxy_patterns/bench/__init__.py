@@ -13,6 +13,7 @@ BENCHMARKS = {
     "streaming": "proxy_patterns.bench.streaming",
     "globus": "proxy_patterns.bench.globus",
     "soak": "proxy_patterns.bench.soak",
+    "multinode": "proxy_patterns.bench.multinode",
 }
 
 
