@@ -366,8 +366,9 @@ def proxied(
         executor: A Parsl executor, not started yet (put it in the ``Config``).
         threshold: Objects whose serialized size is larger travel by proxy (``"1 MiB"``-style
             strings work).
-        store: Store spec (``shm``, ``redis://host:port``, ...); default
-            ``$PROXY_PATTERNS_STORE``, else ``shm``.
+        store: Store spec (``shm``, ``topology`` when workers run on other hosts than the
+            client, ``redis://host:port``, ...); default ``$PROXY_PATTERNS_STORE``, else
+            ``shm``.
         in_process: Also proxy for executors that run apps in this process
             (``ThreadPoolExecutor``), where nothing is serialized anyway.
 

@@ -13,7 +13,8 @@ peer server there (:mod:`proxy_patterns.peers`), run by the process that put it.
   boundary once, however many tasks there read it.
 * A replica is held, in its host's reference records, by the process that fetched it; that
   process checks every :data:`~proxy_patterns.records.WATCH_INTERVAL` whether the object
-  still exists on its host and drops the replica once it does not. The object itself goes by
+  still exists on its host and drops the replica once it does not, or when it exits (a killed
+  one's replicas are swept as any dead process's segments are). The object itself goes by
   its own record, on its own host (:class:`TopologyRefTable`), where holders from other
   hosts hold *peer leases* renewed through the peer server: a process that dies on another
   host stops renewing and its holders end (:data:`~proxy_patterns.shm.PEER_LEASE_SECONDS`).
@@ -26,6 +27,7 @@ other hosts reach it on another interface (a fast cluster network, for example).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -397,7 +399,19 @@ class _Replicas:
             if self._pid != os.getpid():
                 self._pid, self._held = os.getpid(), {}
                 threading.Thread(target=self._watch, name="replicas", daemon=True).start()
+                atexit.register(self._drop_all)
             self._held[(connector.directory, key.name)] = (connector, key, holder)
+
+    def _drop(self, connector: TopologyConnector, key: SharedMemoryKey, holder: str) -> None:
+        with contextlib.suppress(ReferenceInvalidError):
+            SharedMemoryRefTable(connector).drop(_replica_key(key), holder)
+
+    def _drop_all(self) -> None:
+        """At exit: this process's replicas go now rather than at the host's next sweep."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for replica in held:
+            self._drop(*replica)
 
     def _watch(self) -> None:
         pid = os.getpid()
@@ -411,10 +425,10 @@ class _Replicas:
                 except StoreUnreachableError:
                     gone = True  # its host's server is gone, and with it the object
                 if gone:
-                    with contextlib.suppress(ReferenceInvalidError):
-                        SharedMemoryRefTable(connector).drop(_replica_key(key), holder)
                     with self._lock:
-                        self._held.pop(index, None)
+                        if self._held.pop(index, None) is None:
+                            continue  # dropped meanwhile
+                    self._drop(connector, key, holder)
 
 
 _replicas = _Replicas()
