@@ -17,7 +17,9 @@ import griffe
 class PluginsSubpackage(griffe.Extension):
     """Attach the top-level ``plugins`` package to ``proxy_patterns`` as ``plugins``."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+    def on_package(
+        self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any
+    ) -> None:
         """Graft ``plugins`` under ``proxy_patterns`` once ``proxy_patterns`` is loaded."""
         if pkg.path != "proxy_patterns" or "plugins" in pkg.members:
             return

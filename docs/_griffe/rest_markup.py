@@ -20,8 +20,9 @@ from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:func|meth|class|mod|data|attr|exc|obj):`(?P<target>[^`]+)`")
-"""A Sphinx role with its target, e.g. :func:`~proxy_patterns.store.get_store`."""
+ROLE = re.compile(r":(?:func|meth|class|mod|data|attr|exc|obj):`(?P<target>[^`]+)`(?:\\ )?")
+"""A Sphinx role with its target, e.g. :func:`~proxy_patterns.store.get_store` (and the escaped
+space that glues a suffix to it in reST, as in :class:`Proxy`\\ s)."""
 
 TRAILING_LITERAL_MARKER = re.compile(r"(?<=\S)::$", flags=re.MULTILINE)
 """A reST literal-block marker at the end of a paragraph: ``text::`` renders as ``text:``."""
@@ -36,7 +37,9 @@ TABLE_BORDER = re.compile(r"^=+(?: +=+)+ *$")
 class RestMarkup(griffe.Extension):
     """Rewrite the reST markup of every docstring of ``proxy_patterns`` as Markdown."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+    def on_package(
+        self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any
+    ) -> None:
         """Rewrite the docstrings once the whole package (with its plugins) is loaded."""
         if pkg.path == "proxy_patterns":
             _rewrite(pkg, loader.modules_collection)
@@ -61,7 +64,9 @@ def _link(target: str, context: griffe.Object, collection: griffe.ModulesCollect
     return f'<autoref identifier="{identifier}" optional><code>{title}</code></autoref>'
 
 
-def _resolve(name: str, context: griffe.Object, collection: griffe.ModulesCollection) -> str | None:
+def _resolve(
+    name: str, context: griffe.Object, collection: griffe.ModulesCollection
+) -> str | None:
     """The full path of ``name`` as seen from ``context`` (its scopes outwards), if it exists."""
     candidates = [name, f"proxy_patterns.{name}"]
     scope: griffe.Object | None = context
@@ -88,7 +93,8 @@ def _tables(text: str) -> str:
             i += 1
             continue
         columns = [(m.start(), m.end()) for m in re.finditer(r"=+", lines[i])]
-        body, borders, i = [], 1, i + 1
+        body: list[str | None] = []
+        borders, i = 1, i + 1
         while i < len(lines) and borders < 3:
             if TABLE_BORDER.match(lines[i]):
                 borders += 1
@@ -113,8 +119,10 @@ def _markdown_table(body: list[str | None], columns: list[tuple[int, int]]) -> l
     for line in body:
         if line is None:
             continue
-        cells = [_cell(line, start, columns[k + 1][0] if k + 1 < len(columns) else None)
-                 for k, (start, _) in enumerate(columns)]
+        cells = [
+            _cell(line, start, columns[k + 1][0] if k + 1 < len(columns) else None)
+            for k, (start, _) in enumerate(columns)
+        ]
         if rows and not cells[0]:
             rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells, strict=True)]
         else:
