@@ -89,7 +89,8 @@ class TopologyConnector(SharedMemoryConnector):
     Args:
         directory: This host's tmpfs directory (each host has its own, of the same name).
         address: The address other hosts reach this host at (see the module docstring).
-        owner, spare_bytes: As for :class:`~proxy_patterns.shm.SharedMemoryConnector`.
+        owner: As for :class:`~proxy_patterns.shm.SharedMemoryConnector`.
+        spare_bytes: As for :class:`~proxy_patterns.shm.SharedMemoryConnector`.
     """
 
     serves_other_hosts = True

@@ -79,22 +79,28 @@ def _final(x: Any, nbytes: int) -> np.ndarray:
 
 
 def plain_map(i: int, nbytes: int) -> np.ndarray:
+    """A map task of the modes without proxies of their own: its array, by value."""
     return _map(i, nbytes)
 
 
 def plain_reduce(nbytes: int, *parts: Any) -> np.ndarray:
+    """The reduce task of those modes: the sum of the map outputs, by value."""
     return _reduce(list(parts), nbytes)
 
 
 def plain_final(x: Any, nbytes: int) -> np.ndarray:
+    """The final task of those modes, by value."""
     return _final(x, nbytes)
 
 
 def proxy_map(i: int, nbytes: int, spec: str) -> Any:
+    """A map task of the proxy modes: its array put in the store, returned as a proxy."""
     return proxy(get_store(spec), _map(i, nbytes), keep_target=False)
 
 
 def proxy_reduce(nbytes: int, spec: str, evict: bool, *parts: Any) -> Any:
+    """The reduce task of the proxy modes; with ``evict`` (manual eviction) it evicts its
+    inputs once it has read them."""
     out = proxy(get_store(spec), _reduce(list(parts), nbytes), keep_target=False)
     if evict:
         for part in parts:
@@ -103,6 +109,7 @@ def proxy_reduce(nbytes: int, spec: str, evict: bool, *parts: Any) -> Any:
 
 
 def proxy_final(x: Any, nbytes: int, spec: str, evict: bool) -> Any:
+    """The final task of the proxy modes; with ``evict`` it evicts its input."""
     out = proxy(get_store(spec), _final(x, nbytes), keep_target=False)
     if evict:
         get_store(spec).evict(key_of(x))
@@ -111,16 +118,19 @@ def proxy_final(x: Any, nbytes: int, spec: str, evict: bool) -> Any:
 
 @owned_task
 def owned_map(i: int, nbytes: int, spec: str) -> Any:
+    """A map task of the ``owned`` mode: its array as an owned proxy, moved to the caller."""
     return owned(_map(i, nbytes), get_store(spec))
 
 
 @owned_task
 def owned_reduce(nbytes: int, spec: str, *parts: Any) -> Any:
+    """The reduce task of the ``owned`` mode; its inputs are released when it returns."""
     return owned(_reduce(list(parts), nbytes), get_store(spec))
 
 
 @owned_task
 def owned_final(x: Any, nbytes: int, spec: str) -> Any:
+    """The final task of the ``owned`` mode; its input is released when it returns."""
     return owned(_final(x, nbytes), get_store(spec))
 
 
