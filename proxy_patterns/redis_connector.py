@@ -19,6 +19,7 @@ so eviction, the reference records and entry counts see the same keys.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -73,10 +74,13 @@ class SecureRedisConnector(RedisConnector):
         self.tls = tls
         self.ca_file = ca_file
         self._password = password if password is not None else os.environ.get(PASSWORD_ENV)
-        self._redis_client = self.new_client()
+        # RESP2: redis_wire reads this client's replies itself, and on RESP2 a connection
+        # receives nothing it did not ask for (RESP3 may push notifications at any time).
+        self._redis_client = self.new_client(protocol=2)
 
-    def new_client(self) -> redis.Redis:
-        """A client of the same server and database, with the same credentials."""
+    def new_client(self, **options: Any) -> redis.Redis:
+        """A client of the same server and database, with the same credentials (and
+        ``options``, more of ``redis.Redis``'s)."""
         return redis.Redis(
             host=self.hostname,
             port=self.port,
@@ -85,6 +89,7 @@ class SecureRedisConnector(RedisConnector):
             password=self._password,
             ssl=self.tls,
             ssl_ca_certs=self.ca_file,
+            **options,
         )
 
     def get(self, key: RedisKey) -> memoryview | None:
@@ -125,28 +130,28 @@ class SecureRedisConnector(RedisConnector):
 
     def _set(self, key: RedisKey, chunks: list[redis_wire.Chunk], *, only_new: bool) -> bool:
         nbytes = sum(memoryview(chunk).nbytes for chunk in chunks)
-        if nbytes > DEFAULT_MAX_VALUE:
-            self._check_size(nbytes)
+        if nbytes > self._max_value:
+            raise ValueError(
+                f"cannot store {nbytes} bytes in Redis at {self.hostname}:{self.port}: the "
+                f"server takes values of at most {self._max_value} bytes (its "
+                "proto-max-bulk-len setting); raise that setting, or keep objects this large "
+                "in a shared-memory store"
+            )
         pieces = redis_wire.command(
             b"SET", key.redis_key.encode(), value=chunks, after=[b"NX"] if only_new else []
         )
         return redis_wire.send(self._redis_client, pieces) is not None
 
-    def _check_size(self, nbytes: int) -> None:
-        """Raise if the server takes no value of ``nbytes``: it would drop the connection
-        half-way through sending it, and redis-py would send it again and again."""
+    @functools.cached_property
+    def _max_value(self) -> int:
+        """The largest value the server takes. A larger one is refused before it is sent:
+        the server would drop the connection part-way, and redis-py send it again and again
+        (then report a broken pipe)."""
         try:
             setting = self._redis_client.config_get("proto-max-bulk-len").get("proto-max-bulk-len")
         except redis.ResponseError:  # CONFIG is not allowed to this user
             setting = None
-        limit = DEFAULT_MAX_VALUE if setting is None else int(setting)
-        if nbytes > limit:
-            raise ValueError(
-                f"cannot store {nbytes} bytes in Redis at {self.hostname}:{self.port}: the "
-                f"server takes values of at most {limit} bytes (its "
-                "proto-max-bulk-len setting); raise that setting, or keep objects this large "
-                "in a shared-memory store"
-            )
+        return DEFAULT_MAX_VALUE if setting is None else int(setting)
 
     def __repr__(self) -> str:
         return (

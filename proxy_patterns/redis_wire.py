@@ -56,7 +56,8 @@ def value_buffer(nbytes: int) -> bytearray | mmap.mmap:
 
 
 class BulkReader:
-    """Reads RESP2 replies from a socket, bulk strings straight into buffers of their size."""
+    """Reads RESP2 replies from a socket, bulk strings straight into buffers of their size
+    (the connection's client must speak RESP2: ``protocol=2``)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
