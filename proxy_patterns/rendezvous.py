@@ -291,7 +291,11 @@ class RedisRendezvous:
         return self.connector.new_key()
 
     def set_once(self, key: Any, frames: Frames) -> bool:
-        if not self.client.set(key.redis_key, bytes(frames.join()), nx=True):
+        set_frames = getattr(self.connector, "set_frames", None)  # ours: frames not joined
+        if set_frames is not None:
+            if not set_frames(key, frames, only_new=True):
+                return False
+        elif not self.client.set(key.redis_key, bytes(frames.join()), nx=True):
             return False
         lease_renewer.discard(self.client, self.claim_name(key))
         self.client.delete(self.claim_name(key))
