@@ -33,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     with requires_extra("dask", "proxy-patterns demo"):
         from proxy_patterns.bench.demo import run_demo
 
-        run_demo(store_spec=args.store, size_mb=args.size_mb, tasks=args.tasks)
+        run_demo(store_spec=args.store, size_mb=args.size_mb, tasks=args.tasks, hosts=args.hosts)
     return 0
 
 
@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--size-mb", type=int, default=50, help="size of each argument and result")
     demo.add_argument("--tasks", type=int, default=8, help="number of tasks")
+    demo.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="run one worker on each of this many hosts simulated on this machine (as root: "
+        "each with its own /dev/shm); the plugin then picks the topology store",
+    )
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark and print its table")

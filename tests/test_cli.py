@@ -45,6 +45,16 @@ def test_demo_moves_nothing_through_the_scheduler_and_leaves_no_entries() -> Non
     assert "speed-up:" in output
 
 
+@pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
+def test_demo_on_two_simulated_hosts_picks_the_topology_store() -> None:
+    output = _run("demo", "--hosts", "2", "--size-mb", "8", "--tasks", "3")
+    rows = {row[0]: row for row in _table_rows(output)}
+    plain, proxied = rows["plain Dask"], rows["Dask + proxy-patterns plugin"]
+    assert float(plain[2]) > 30 and float(proxied[2]) < 0.5
+    assert plain[3] == proxied[3] == "0 / 0"  # entries left on host A / host B
+    assert "on a worker on each of 2 simulated hosts; store: TopologyConnector" in output
+
+
 def test_bench_store_prints_every_backend_and_plots(tmp_path: Path) -> None:
     plot = tmp_path / "store.png"
     output = _run("bench", "store", "--quick", "--plot", str(plot))

@@ -11,13 +11,19 @@ scheduler process read, and the entries left in the store once the futures are r
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from proxy_patterns.bench.report import print_table
-from proxy_patterns.store import entries_left_after_eviction, get_store
+from proxy_patterns.store import TOPOLOGY_SPEC, entries_left_after_eviction, get_store
+
+if TYPE_CHECKING:
+    from proxy_patterns.bench.cluster import SchedulerProbe
+    from proxy_patterns.simhosts import Host
 
 
 def transform(x: np.ndarray) -> np.ndarray:
@@ -38,26 +44,71 @@ def workload(client: Any, arrays: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return result, first
 
 
-def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -> None:
-    """Run the workload plain and with the plugin; print the comparison table."""
+@contextlib.contextmanager
+def _cluster(hosts: int) -> Iterator[tuple[str, SchedulerProbe, Callable[[], list[int]]]]:
+    """A 2-worker cluster on this machine, or one worker on each of ``hosts`` simulated hosts;
+    yields its address, a probe of its scheduler and a function counting the entries left in
+    each host's default store (once evictions are done)."""
+    from proxy_patterns.bench.cluster import (
+        SchedulerProbe,
+        measured_cluster,
+        simulated_dask_cluster,
+    )
+    from proxy_patterns.simhosts import namespaces_available, simulated_hosts
+
+    if hosts == 1:
+        with measured_cluster(n_workers=2) as (address, probe):
+            yield address, probe, lambda: [entries_left_after_eviction(get_store())]
+        return
+    reason = namespaces_available()
+    if reason is not None:
+        raise RuntimeError(f"--hosts {hosts} simulates hosts on this machine, and {reason}")
+    with simulated_hosts(hosts) as simulated, simulated_dask_cluster(simulated) as cluster:
+
+        def left() -> list[int]:
+            # The default store's directory is of the same name on every host.
+            store = get_store(TOPOLOGY_SPEC)
+            return [entries_left_after_eviction(store)] + [
+                _left_on(host) for host in simulated[1:]
+            ]
+
+        yield cluster.address, SchedulerProbe(cluster.address), left
+
+
+def _left_on(host: Host, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while (left := host.count_entries()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def run_demo(
+    store_spec: str | None = None, size_mb: int = 50, tasks: int = 8, hosts: int = 1
+) -> None:
+    """Run the workload plain and with the plugin; print the comparison table.
+
+    With ``hosts`` > 1 the cluster has one worker on each of that many hosts simulated on this
+    machine (:mod:`proxy_patterns.simhosts`: root and namespaces needed), and the plugin picks
+    the topology store by itself (unless ``store_spec`` names one).
+    """
     import dask
     from distributed import Client
     from tqdm import tqdm
 
-    from proxy_patterns.bench.cluster import measured_cluster
     from proxy_patterns.plugins.dask import register
 
     rng = np.random.default_rng(0)
     arrays = [rng.random(size_mb * 2**20 // 8) for _ in range(tasks)]
-    store = get_store(store_spec)
     rows = []
     expected: tuple[float, np.ndarray] | None = None
+    where = "a 2-worker cluster" if hosts == 1 else f"a worker on each of {hosts} simulated hosts"
+    plugin = None
     with tqdm(total=4, desc="demo", unit="step") as progress:
-        progress.set_postfix_str("starting a 2-worker cluster")
+        progress.set_postfix_str(f"starting {where}")
         # Plain Dask warns about "Sending large graph" here; that is the point of the demo.
         with (
             dask.config.set({"distributed.admin.large-graph-warning-threshold": "10 GiB"}),
-            measured_cluster(n_workers=2) as (address, probe),
+            _cluster(hosts) as (address, probe, entries_left),
             Client(address) as client,
         ):
             progress.update()
@@ -67,7 +118,7 @@ def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -
             for mode in ("plain Dask", "Dask + proxy-patterns plugin"):
                 progress.set_postfix_str(mode)
                 if mode != "plain Dask":
-                    register(client, store=store_spec)
+                    plugin = register(client, store=store_spec)
                 before, start = probe.bytes_read(), time.perf_counter()
                 outcome = workload(client, arrays)
                 elapsed = time.perf_counter() - start
@@ -78,19 +129,18 @@ def run_demo(store_spec: str | None = None, size_mb: int = 50, tasks: int = 8) -
                     np.isclose(outcome[0], expected[0]) and np.array_equal(outcome[1], expected[1])
                 ):
                     raise AssertionError("proxied workflow returned a different result")
+                del outcome
+                left = entries_left()
                 rows.append(
-                    [
-                        mode,
-                        f"{elapsed:.2f}",
-                        f"{read / 1e6:.2f}",
-                        str(entries_left_after_eviction(store)),
-                    ]
+                    [mode, f"{elapsed:.2f}", f"{read / 1e6:.2f}", " / ".join(map(str, left))]
                 )
                 progress.update()
     speedup = float(rows[0][1]) / float(rows[1][1])
+    store = plugin.store if plugin is not None else get_store(store_spec)
     print(
-        f"\n{tasks} tasks, each given a {size_mb} MB array and returning one; "
+        f"\n{tasks} tasks, each given a {size_mb} MB array and returning one, on {where}; "
         f"store: {store.connector!r}"
     )
-    print_table(["mode", "time (s)", "scheduler read (MB)", "store entries left"], rows)
+    left_header = "store entries left" if hosts == 1 else "store entries left (each host)"
+    print_table(["mode", "time (s)", "scheduler read (MB)", left_header], rows)
     print(f"speed-up: {speedup:.1f}x")
