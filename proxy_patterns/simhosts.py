@@ -183,17 +183,18 @@ class SimulatedHost(Host):
         """Kill every process on this host and wait until none is left."""
         deadline = time.monotonic() + self.timeout
         ours: list[subprocess.Popen[Any]] = [self.anchor, *self._started]
-        while pids := self.processes():  # again: one may have forked meanwhile
+        # Also this process's own children (one may not have entered the host yet), by the
+        # Popen that holds their pid until they are reaped.
+        while (pids := self.processes()) or any(p.poll() is None for p in ours):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)  # again: one may have forked meanwhile
             for process in ours:
+                process.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(0.1)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"processes {pids} of simulated host {self.name!r} survive")
-        for process in ours:
-            process.wait(self.timeout)
         for stream in (self.anchor.stdout, self.anchor.stderr):
             if stream is not None:
                 stream.close()
