@@ -97,18 +97,18 @@ class Host:
         cwd = kwargs.pop("cwd", None) or tempfile.gettempdir()
         return subprocess.Popen(self.command(args, cwd), cwd=cwd, **kwargs)
 
+    def path(self, path: str) -> str:
+        """``path`` (absolute) on this host, as a path this process can open."""
+        return path
+
     def shm_path(self, *parts: str) -> str:
         """Path, seen from this process, of ``/dev/shm/<parts>`` on this host."""
-        return os.path.join("/dev/shm", *parts)
+        return self.path(os.path.join("/dev/shm", *parts))
 
     def count_entries(self, directory: str = DEFAULT_DIRECTORY) -> int:
         """Entries left in this host's shared-memory store ``directory`` (a path on the
         host, by default the store of spec ``shm``): objects, records, claims."""
-        return _count_entries(self._outside(directory))
-
-    def _outside(self, path: str) -> str:
-        """``path`` of this host, as a path this process can open."""
-        return path
+        return _count_entries(self.path(directory))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -165,12 +165,9 @@ class SimulatedHost(Host):
         self._started.append(process)
         return process
 
-    def _outside(self, path: str) -> str:
+    def path(self, path: str) -> str:
         # The anchor's root, seen through /proc, is this host's file system.
         return f"/proc/{self.anchor.pid}/root{os.path.abspath(path)}"
-
-    def shm_path(self, *parts: str) -> str:
-        return self._outside(os.path.join("/dev/shm", *parts))
 
     def processes(self) -> list[int]:
         """Process ids of every process running on this host (the anchor among them)."""
@@ -186,17 +183,18 @@ class SimulatedHost(Host):
         """Kill every process on this host and wait until none is left."""
         deadline = time.monotonic() + self.timeout
         ours: list[subprocess.Popen[Any]] = [self.anchor, *self._started]
-        while pids := self.processes():  # again: one may have forked meanwhile
+        # Also this process's own children (one may not have entered the host yet), by the
+        # Popen that holds their pid until they are reaped.
+        while (pids := self.processes()) or any(p.poll() is None for p in ours):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)  # again: one may have forked meanwhile
             for process in ours:
+                process.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(0.1)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"processes {pids} of simulated host {self.name!r} survive")
-        for process in ours:
-            process.wait(self.timeout)
         for stream in (self.anchor.stdout, self.anchor.stderr):
             if stream is not None:
                 stream.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import statistics
 import time
@@ -62,6 +63,8 @@ def _topology_mode(hosts: Sequence[Host]) -> Iterator[Mode]:
     """The topology store in a directory of its own on each host's ``/dev/shm`` (host A's
     is this machine's, shared with whatever else runs here)."""
     directory = f"/dev/shm/pp-bench-multinode-{uuid.uuid4().hex[:8]}"
+    for host in hosts:
+        os.mkdir(host.path(directory), mode=0o700)
     try:
         yield Mode(
             "topology",
