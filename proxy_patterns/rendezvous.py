@@ -74,6 +74,12 @@ class Rendezvous(Protocol):
 def rendezvous_for(store: Store[Any]) -> Rendezvous:
     """The rendezvous of ``store``'s connector (shared memory or Redis)."""
     connector = store.connector
+    if isinstance(connector, SharedMemoryConnector) and connector.serves_other_hosts:
+        raise TypeError(
+            "proxy futures across hosts need a Redis store (store='redis://host:port'): on "
+            "the topology store a process of another host would wait for a value it is never "
+            "told of"
+        )
     if isinstance(connector, SharedMemoryConnector):
         return SharedMemoryRendezvous(connector)
     client = redis_client_of(connector)

@@ -59,6 +59,8 @@ from proxy_patterns.shm import (
 
 PEER_ADDRESS_ENV = "PROXY_PATTERNS_PEER_ADDRESS"
 """The address other hosts reach this host's peer servers at (default: the host name's)."""
+FETCH_CHUNK = 8 * 2**20
+"""Bytes of an object asked for at a time when it is pulled from another host."""
 _FETCH_LOCK = "proxy-patterns.fetching"
 """A store directory's lock file, held while a replica is fetched (no key: never counted)."""
 _REMOTE_ERRORS: dict[str, type[Exception]] = {
@@ -144,14 +146,25 @@ class TopologyConnector(SharedMemoryConnector):
             os.close(fd)
 
     def _fetch(self, key: SharedMemoryKey) -> memoryview | None:
-        found, *data = _ask(key, b"get", key.name.encode())
-        if found.bytes != b"1":
+        """Pull the object into a replica on this host, in chunks of :data:`FETCH_CHUNK`
+        bytes, each written into place as it comes: no buffer of the object's size is made
+        (a fresh one costs a page fault per 4 KiB, as much as the transfer itself)."""
+        chunk = _ask_chunk(key, 0)
+        if chunk is None:
             return None
-        payload = data[0].buffer
-        replica = _replica_key(key)
-        tmp, fd = self.create_unpublished(payload.nbytes)
+        nbytes, data = chunk
+        tmp, fd = self.create_unpublished(nbytes)
         try:
-            os.pwrite(fd, payload, 0)
+            offset = 0
+            while True:
+                offset += os.pwrite(fd, data, offset)
+                if offset >= nbytes:
+                    break
+                chunk = _ask_chunk(key, offset)
+                if chunk is None:
+                    return None  # evicted on its host meanwhile
+                data = chunk[1]
+            replica = _replica_key(key)
             table = SharedMemoryRefTable(self)
             # The record first: a segment found without one is taken for a stale one.
             (holder,) = table.create_held(replica, [table.lease()])
@@ -187,6 +200,16 @@ class TopologyConnector(SharedMemoryConnector):
     def config(self) -> dict[str, Any]:
         """Configuration that re-creates the connector in another process, on any host."""
         return {**super().config(), "address": self.address}
+
+
+def _ask_chunk(key: SharedMemoryKey, offset: int) -> tuple[int, memoryview] | None:
+    """The object's size and its bytes from ``offset`` (at most :data:`FETCH_CHUNK`), from
+    its host; None if it is not there (evicted)."""
+    found, *data = _ask(key, b"get", key.name.encode(), b"%d" % offset, b"%d" % FETCH_CHUNK)
+    if found.bytes != b"1":
+        return None
+    nbytes, chunk = data
+    return int(nbytes.bytes), chunk.buffer
 
 
 def _replica_key(key: SharedMemoryKey) -> SharedMemoryKey:
@@ -282,11 +305,13 @@ class _Handlers:
         return SharedMemoryKey(name.decode(), int(nbytes), host_identity())
 
     def get(self, args: list[bytes]) -> list[Any]:
-        view = self.connector._map(self._key(args[0]))
+        name, offset, length = args[0], int(args[1]), int(args[2])
+        view = self.connector._map(self._key(name))
         if view is None:
             return [b"0"]
-        self.sent_bytes += view.nbytes
-        return [b"1", view]
+        chunk = view[offset : offset + length]
+        self.sent_bytes += chunk.nbytes
+        return [b"1", b"%d" % view.nbytes, chunk]
 
     def exists(self, args: list[bytes]) -> list[Any]:
         return [b"1" if self.connector.exists(self._key(args[0])) else b"0"]

@@ -26,7 +26,8 @@ from parsl.providers import LocalProvider
 
 from parsl_helpers import HTEX, SimulatedHostsLauncher, fingerprint_app, make_app
 from proxy_patterns import get_store, key_of, proxy
-from proxy_patterns.bench.cluster import simulated_dask_cluster
+from proxy_patterns.bench.cluster import SchedulerProbe, simulated_dask_cluster
+from proxy_patterns.futures import ProxyFuture
 from proxy_patterns.hosts import StoreUnreachableError
 from proxy_patterns.ownership import borrow, owned
 from proxy_patterns.plugins.dask import register
@@ -34,6 +35,7 @@ from proxy_patterns.plugins.parsl import proxied
 from proxy_patterns.records import ref_table_for
 from proxy_patterns.simhosts import Host, namespaces_available, simulated_hosts
 from proxy_patterns.store import count_entries, entries_left_after_eviction
+from proxy_patterns.streams import StreamProducer
 from proxy_patterns.topology import bytes_served
 
 pytestmark = [
@@ -56,10 +58,12 @@ def topology_dir(hosts: list[Host]) -> Iterator[str]:
     """A store directory of the same name on both hosts, so other tests' entries never count."""
     directory = tempfile.mkdtemp(prefix="pp-topology-", dir="/dev/shm")
     os.makedirs(hosts[1].shm_path(os.path.basename(directory)), mode=0o700)
-    yield directory
-    for host in hosts:
-        assert host.count_entries(directory) == 0, f"entries left on {host.name}"
-    shutil.rmtree(directory)
+    try:
+        yield directory
+        for host in hosts:
+            assert host.count_entries(directory) == 0, f"entries left on {host.name}"
+    finally:
+        shutil.rmtree(directory)
 
 
 def _wait_empty(host: Host, directory: str, timeout: float = 30) -> int:
@@ -315,6 +319,8 @@ def test_dask_across_hosts(hosts: list[Host], topology_dir: str) -> None:
     with simulated_dask_cluster(hosts) as cluster, Client(cluster.address) as client:
         register(client, threshold="1 MiB", store=spec)
         store = get_store(spec)
+        scheduler = SchedulerProbe(cluster.address)
+        read_before = scheduler.bytes_read()
         # a: objects of every type, each its own argument, on each host; results gathered.
         served = bytes_served()
         futures = [
@@ -345,6 +351,7 @@ def test_dask_across_hosts(hosts: list[Host], topology_dir: str) -> None:
         tasks = [client.submit(np.sum, x, workers=[h.name], pure=False) for h in hosts * 5]
         assert np.allclose(client.gather(tasks), np.sum(x))
         assert x.nbytes < bytes_served() - served < x.nbytes + 4096
+        assert scheduler.bytes_read() - read_before < 2**20  # no data went through Dask
         del tasks
         assert entries_left_after_eviction(store, timeout=30) == 0
         assert _wait_empty(b, topology_dir) == 0
@@ -412,3 +419,11 @@ def test_parsl_across_hosts(hosts: list[Host], topology_dir: str, tmp_path: Path
     finally:
         dfk.cleanup()
         parsl.clear()
+
+
+def test_futures_and_streams_across_hosts_ask_for_redis(topology_dir: str) -> None:
+    store = get_store(f"topology://{topology_dir}")
+    with pytest.raises(TypeError, match=r"proxy futures across hosts need a Redis store"):
+        ProxyFuture(store)
+    with pytest.raises(TypeError, match=r"streams across hosts need a Redis store"):
+        StreamProducer("topic", store)

@@ -104,10 +104,11 @@ def _scheduler_and_workers(
                 if proc.poll() is None:
                     proc.terminate()
             for proc in (*workers, scheduler):
-                try:
-                    proc.wait(timeout)
+                try:  # (a nanny whose worker was killed can take a minute over SIGTERM)
+                    proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
 
 
 @contextlib.contextmanager

@@ -129,8 +129,13 @@ class Broker(Protocol):
 
 def broker_for(store: Store[Any], topic: str, discard: Discard) -> Broker:
     """The broker of ``topic`` on ``store``: in its shared memory, or in its Redis server."""
-    table = ref_table_for(store)
     connector = store.connector
+    if isinstance(connector, SharedMemoryConnector) and connector.serves_other_hosts:
+        raise TypeError(
+            "streams across hosts need a Redis store (store='redis://host:port'): the "
+            "topology store moves objects between hosts, not a stream's queues"
+        )
+    table = ref_table_for(store)
     if isinstance(connector, SharedMemoryConnector):
         from proxy_patterns.brokers.shm import SharedMemoryBroker
 
