@@ -133,11 +133,9 @@ def test_bench_globus_runs_the_workflow_plain_and_through_the_store(tmp_path: Pa
 
 @pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
 def test_bench_multinode_runs_across_two_simulated_hosts_and_leaves_no_keys() -> None:
-    from proxy_patterns.bench.multinode import topology_available
-
     output = _run("bench", "multinode", "--quick")
     header = next(line for line in output.splitlines() if line.startswith("|"))
-    modes = ["redis", "topology"] if topology_available() else ["redis"]
+    modes = ["redis", "topology"]
     assert [c.strip() for c in header.strip("|").split("|")][2 : 2 + len(modes)] == [
         f"plugin {mode} (s)" for mode in modes
     ]

@@ -10,7 +10,7 @@ one worker of one thread on each host, a fresh cluster per mode. Workloads a and
 
 Modes: plain Dask; the plugin on Redis (a ``redis-server`` on host A, the cluster-wide store
 a user has today); the plugin on the topology-aware store (``topology``: shared memory within
-a host, bytes pulled peer to peer across hosts), when this version has it. Each workload
+a host, bytes pulled peer to peer across hosts). Each workload
 runs once untimed, then ``repeats`` times (the median is reported). After each run every
 store must drain to zero entries on each host (Redis: in the server); the table shows what
 was left.
@@ -19,7 +19,6 @@ was left.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import statistics
@@ -73,11 +72,6 @@ def _topology_mode(hosts: Sequence[Host]) -> Iterator[Mode]:
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)  # (other hosts' copies go with them)
-
-
-def topology_available() -> bool:
-    """Whether this version of proxy-patterns has the topology-aware store."""
-    return importlib.util.find_spec("proxy_patterns.topology") is not None
 
 
 def _wait_until_empty(mode: Mode, timeout: float = 30) -> dict[str, int]:
@@ -150,10 +144,7 @@ def main(quick: bool = False, plot: str | None = None, redis: str | None = None)
             modes.append(_redis_mode(redis))
         else:
             print("(no redis-server: the Redis mode is skipped)")
-        if topology_available():
-            modes.append(stack.enter_context(_topology_mode(hosts)))
-        else:
-            print("(this version has no topology store: the topology mode is skipped)")
+        modes.append(stack.enter_context(_topology_mode(hosts)))
         total = len(modes) * len(MULTINODE_WORKLOADS) * repeats
         progress = stack.enter_context(tqdm(total=total, desc="bench multinode", leave=False))
         # Plain Dask warns "Sending large graph" on workloads a and b: that is what is measured.
