@@ -15,9 +15,8 @@ peer server there (:mod:`proxy_patterns.peers`), run by the process that put it.
   process checks every :data:`~proxy_patterns.records.WATCH_INTERVAL` whether the object
   still exists on its host and drops the replica once it does not, or when it exits (a killed
   one's replicas are swept as any dead process's segments are). The object itself goes by
-  its own record, on its own host (:class:`TopologyRefTable`), where holders from other
-  hosts hold *peer leases* renewed through the peer server: a process that dies on another
-  host stops renewing and its holders end (:data:`~proxy_patterns.shm.PEER_LEASE_SECONDS`).
+  its own record, on its own host, where processes of other hosts hold it under peer leases
+  (:mod:`proxy_patterns.peer_records`).
 
 No server runs on the data path: bytes go from the host that has them to the host that reads
 them. The advertised address is ``address`` in the spec, else ``$PROXY_PATTERNS_PEER_ADDRESS``,
@@ -31,42 +30,29 @@ import atexit
 import contextlib
 import fcntl
 import functools
-import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from proxy_patterns.hosts import StoreUnreachableError, host_identity
-from proxy_patterns.peers import PeerError, PeerServer, RemoteError, request
-from proxy_patterns.records import (
-    WATCH_INTERVAL,
-    Kind,
-    MutableBorrowError,
-    ReferenceInvalidError,
-    SharedMemoryRefTable,
+from proxy_patterns.peer_records import (
+    PEER_ADDRESS_ENV,
+    TopologyRefTable,
+    answer_renew,
+    answer_table,
+    ask,
 )
-from proxy_patterns.shm import (
-    DEFAULT_DIRECTORY,
-    PEER_LEASE_PREFIX,
-    PEER_LEASE_SECONDS,
-    SharedMemoryConnector,
-    SharedMemoryKey,
-    peer_lease_path,
-)
+from proxy_patterns.peers import PeerServer
+from proxy_patterns.records import WATCH_INTERVAL, ReferenceInvalidError, SharedMemoryRefTable
+from proxy_patterns.shm import DEFAULT_DIRECTORY, SharedMemoryConnector, SharedMemoryKey
 
-PEER_ADDRESS_ENV = "PROXY_PATTERNS_PEER_ADDRESS"
-"""The address other hosts reach this host's peer servers at (default: the host name's)."""
 FETCH_CHUNK = 8 * 2**20
 """Bytes of an object asked for at a time when it is pulled from another host."""
 _FETCH_LOCK = "proxy-patterns.fetching"
 """A store directory's lock file, held while a replica is fetched (no key: never counted)."""
-_REMOTE_ERRORS: dict[str, type[Exception]] = {
-    "ReferenceInvalidError": ReferenceInvalidError,
-    "MutableBorrowError": MutableBorrowError,
-}
 
 
 def default_address() -> str:
@@ -183,7 +169,7 @@ class TopologyConnector(SharedMemoryConnector):
         """Whether the object is still in the store of its host."""
         if self.is_local(key):
             return super().exists(key)
-        found: bytes = _ask(key, b"exists", key.name.encode())[0].bytes
+        found: bytes = ask(key, b"exists", key.name.encode())[0].bytes
         return found == b"1"
 
     def evict(self, key: SharedMemoryKey) -> None:
@@ -191,7 +177,7 @@ class TopologyConnector(SharedMemoryConnector):
         if self.is_local(key):
             super().evict(key)
         else:
-            _ask(key, b"evict", key.name.encode(), str(key.nbytes).encode())
+            ask(key, b"evict", key.name.encode(), str(key.nbytes).encode())
 
     def ref_table(self) -> TopologyRefTable:
         """The reference records of this store's objects (see :class:`TopologyRefTable`)."""
@@ -205,7 +191,7 @@ class TopologyConnector(SharedMemoryConnector):
 def _ask_chunk(key: SharedMemoryKey, offset: int) -> tuple[int, memoryview] | None:
     """The object's size and its bytes from ``offset`` (at most :data:`FETCH_CHUNK`), from
     its host; None if it is not there (evicted)."""
-    found, *data = _ask(key, b"get", key.name.encode(), b"%d" % offset, b"%d" % FETCH_CHUNK)
+    found, *data = ask(key, b"get", key.name.encode(), b"%d" % offset, b"%d" % FETCH_CHUNK)
     if found.bytes != b"1":
         return None
     nbytes, chunk = data
@@ -215,83 +201,6 @@ def _ask_chunk(key: SharedMemoryKey, offset: int) -> tuple[int, memoryview] | No
 def _replica_key(key: SharedMemoryKey) -> SharedMemoryKey:
     """The key of this host's replica of another host's object: a local segment."""
     return key._replace(host=host_identity(), address="")
-
-
-def _ask(key: SharedMemoryKey, *frames: bytes) -> list[Any]:
-    """Send a request about ``key`` to the peer server that serves it."""
-    try:
-        return request(key.address, *frames)
-    except PeerError as e:
-        raise StoreUnreachableError(
-            f"object {key.name} is on host {key.host!r}, served at {key.address}, and this "
-            f"process on {host_identity()!r} cannot get it: {e}. If that host's address is "
-            f"wrong, set ${PEER_ADDRESS_ENV} there (or ?address= in the store spec); if the "
-            "process that put the object has exited, its objects went with it"
-        ) from e
-    except RemoteError as e:
-        raise _REMOTE_ERRORS.get(e.kind, RemoteError)(str(e)) from e
-
-
-class TopologyRefTable:
-    """Reference records of a topology store: each on its object's host.
-
-    A record of this host's object is changed here (:class:`SharedMemoryRefTable`); a record
-    of another host's object by that host's peer server, for holders leased by this process's
-    peer lease there.
-    """
-
-    def __init__(self, connector: TopologyConnector) -> None:
-        self.connector = connector
-        self.local = SharedMemoryRefTable(connector)
-
-    def _remote(self, key: SharedMemoryKey, method: str, *args: Any) -> Any:
-        lease = _leases.lease_at(key)
-        arguments = json.dumps([key.name, key.nbytes, *args]).encode()
-        (result,) = _ask(key, b"table", method.encode(), lease.encode(), arguments)
-        return json.loads(result.bytes)
-
-    def create(self, key: SharedMemoryKey) -> str:
-        return self.local.create(key)  # only this host's objects are created here
-
-    def create_held(self, key: SharedMemoryKey, leases: Sequence[str]) -> list[str]:
-        return self.local.create_held(key, leases)
-
-    def lease(self) -> str:
-        return self.local.lease()
-
-    def lease_alive(self, lease: str) -> bool:
-        return self.local.lease_alive(lease)
-
-    def add(self, key: SharedMemoryKey, kind: Kind) -> str:
-        if self.connector.is_local(key):
-            return self.local.add(key, kind)
-        return str(self._remote(key, "add", kind))
-
-    def claim(self, key: SharedMemoryKey, holder: str) -> str:
-        if self.connector.is_local(key):
-            return self.local.claim(key, holder)
-        return str(self._remote(key, "claim", holder))
-
-    def drop(self, key: SharedMemoryKey, holder: str) -> bool:
-        if self.connector.is_local(key):
-            return self.local.drop(key, holder)
-        return bool(self._remote(key, "drop", holder))
-
-    def prune(self, key: SharedMemoryKey) -> bool:
-        if self.connector.is_local(key):
-            return self.local.prune(key)
-        return bool(self._remote(key, "prune"))
-
-    def holders(self, key: SharedMemoryKey) -> list[str]:
-        if self.connector.is_local(key):
-            return self.local.holders(key)
-        return list(self._remote(key, "holders"))
-
-    def sweep(self) -> int:
-        return self.local.sweep()
-
-
-_TABLE_METHODS = frozenset({"add", "claim", "drop", "prune", "holders"})
 
 
 class _Handlers:
@@ -320,24 +229,6 @@ class _Handlers:
         self.connector.evict(self._key(*args))
         return []
 
-    def table(self, args: list[bytes]) -> list[Any]:
-        method, lease, arguments = (a.decode() for a in args)
-        if method not in _TABLE_METHODS or not lease.startswith(PEER_LEASE_PREFIX):
-            raise ValueError(f"no such request: {method} for {lease}")
-        name, nbytes, *rest = json.loads(arguments)
-        table = SharedMemoryRefTable(self.connector, lease=lease)
-        key = SharedMemoryKey(name, nbytes, host_identity())
-        return [json.dumps(getattr(table, method)(key, *rest)).encode()]
-
-    def renew(self, args: list[bytes]) -> list[Any]:
-        lease = args[0].decode()
-        if not lease.startswith(PEER_LEASE_PREFIX) or "/" in lease:
-            raise ValueError(f"not a peer lease: {lease!r}")
-        path = peer_lease_path(self.connector.directory, lease)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.utime(path)
-        return []
-
 
 _servers: dict[tuple[int, str, str], tuple[PeerServer, _Handlers]] = {}
 _servers_lock = threading.Lock()
@@ -356,8 +247,8 @@ def _server_of(connector: TopologyConnector) -> PeerServer:
                     b"get": handlers.get,
                     b"exists": handlers.exists,
                     b"evict": handlers.evict,
-                    b"table": handlers.table,
-                    b"renew": handlers.renew,
+                    b"table": functools.partial(answer_table, connector),
+                    b"renew": functools.partial(answer_renew, connector),
                 },
             )
             _servers[index] = (server, handlers)
@@ -370,46 +261,6 @@ def bytes_served() -> int:
     pid = os.getpid()
     with _servers_lock:
         return sum(h.sent_bytes for (p, _, _), (_, h) in _servers.items() if p == pid)
-
-
-class _PeerLeases:
-    """This process's peer lease at each host it holds objects of, renewed in a thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pid = -1
-        self._tag = ""
-        self._endpoints: set[str] = set()
-
-    def lease_at(self, key: SharedMemoryKey) -> str:
-        """The lease, valid at ``key``'s host from now on (created there on first use)."""
-        with self._lock:
-            if self._pid != os.getpid():  # a forked child is another holder
-                self._pid, self._endpoints = os.getpid(), set()
-                self._tag = f"{PEER_LEASE_PREFIX}{os.urandom(8).hex()}"
-                renewer = threading.Thread(target=self._renew_forever, name="peer-leases")
-                renewer.daemon = True
-                renewer.start()
-            known = key.address in self._endpoints
-            tag = self._tag
-        if not known:
-            _ask(key, b"renew", tag.encode())
-            with self._lock:
-                self._endpoints.add(key.address)
-        return tag
-
-    def _renew_forever(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(PEER_LEASE_SECONDS / 3)
-            with self._lock:
-                endpoints, tag = list(self._endpoints), self._tag
-            for endpoint in endpoints:
-                with contextlib.suppress(PeerError):  # a host gone: its holders went with it
-                    request(endpoint, b"renew", tag.encode())
-
-
-_leases = _PeerLeases()
 
 
 class _Replicas:
