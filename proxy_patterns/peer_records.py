@@ -17,11 +17,11 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from proxy_patterns.hosts import StoreUnreachableError, host_identity
-from proxy_patterns.peers import PeerError, RemoteError, request
+from proxy_patterns.peers import PeerError, RemoteError, request, requests
 from proxy_patterns.records import (
     Kind,
     MutableBorrowError,
@@ -57,8 +57,23 @@ def ask(key: SharedMemoryKey, *frames: bytes) -> list[Any]:
     reached or goes away mid-request; an error the request raised there is raised here as its
     own type when it is a records error.
     """
-    try:
+    with _translated(key):
         return request(key.address, *frames)
+
+
+def ask_many(
+    key: SharedMemoryKey, messages: Iterable[Sequence[bytes]], window: int
+) -> Iterator[list[Any]]:
+    """:func:`ask` for several requests about ``key``, ``window`` of them in flight at a
+    time (see :func:`~proxy_patterns.peers.requests`); yields each reply in order."""
+    with _translated(key):
+        yield from requests(key.address, messages, window)
+
+
+@contextlib.contextmanager
+def _translated(key: SharedMemoryKey) -> Iterator[None]:
+    try:
+        yield
     except PeerError as e:
         raise StoreUnreachableError(
             f"object {key.name} is on host {key.host!r}, served at {key.address}, and this "

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -114,10 +114,11 @@ class PeerServer:
 
 
 class _Connection:
-    """A connected REQ socket, and the monitor socket that tells when its connection drops."""
+    """A connected DEALER socket (a REQ socket's envelope, several requests in flight), and
+    the monitor socket that tells when its connection drops."""
 
     def __init__(self, endpoint: str) -> None:
-        self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
+        self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)  # POLLOUT only once connected: see request()
         self.monitor: zmq.Socket[bytes] = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -167,31 +168,58 @@ def request(endpoint: str, *frames: bytes) -> list[zmq.Frame]:
     the connection drops before the reply (the serving process died), or if no reply comes
     within :func:`timeout`; :class:`RemoteError` if the request raised there.
     """
+    (values,) = requests(endpoint, [frames])
+    return values
+
+
+def requests(
+    endpoint: str, messages: Iterable[Sequence[bytes]], window: int = 1
+) -> Iterator[list[zmq.Frame]]:
+    """Send each of ``messages`` to the peer server at ``endpoint``, with at most ``window``
+    of them unanswered at a time, and yield each reply's values in order: the transfer of
+    one reply overlaps the handling of the one before. Errors as for :func:`request`."""
     key = signing_key()
-    message = [*frames, _mac(key, frames)] if key is not None else list(frames)
     connection = _connection_to(endpoint)
     socket, monitor = connection.socket, connection.monitor
+    unsent = iter(messages)
+    in_flight = 0
     try:
         if not socket.poll(int(CONNECT_TIMEOUT * 1000), zmq.POLLOUT):
             raise PeerError(f"no connection to {endpoint} within {CONNECT_TIMEOUT:g} s")
         while monitor.poll(0):  # drops of earlier connections, since reconnected
             monitor.recv_multipart()
-        socket.send_multipart(message)
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        events = dict(poller.poll(int(timeout() * 1000)))
-        if socket not in events:
-            lost = "the connection dropped" if monitor in events else "no reply came"
-            raise PeerError(f"{lost} while waiting for {endpoint}")
-        reply = socket.recv_multipart(copy=False)
+        while True:
+            while in_flight < window and (frames := next(unsent, None)) is not None:
+                signed = [*frames, _mac(key, frames)] if key is not None else list(frames)
+                socket.send_multipart([b"", *signed])
+                in_flight += 1
+            if not in_flight:
+                return
+            reply = _receive(endpoint, socket, monitor)
+            in_flight -= 1
+            yield _values(endpoint, reply)
     except BaseException:
-        _discard(endpoint)  # a socket left waiting for a reply cannot send again
+        _discard(endpoint)  # replies still on their way must not reach the next request
         raise
+
+
+def _receive(endpoint: str, socket: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> list[Any]:
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    events = dict(poller.poll(int(timeout() * 1000)))
+    if socket not in events:
+        lost = "the connection dropped" if monitor in events else "no reply came"
+        raise PeerError(f"{lost} while waiting for {endpoint}")
+    _, *reply = socket.recv_multipart(copy=False)  # (after the envelope's empty frame)
+    return reply
+
+
+def _values(endpoint: str, reply: list[Any]) -> list[zmq.Frame]:
     status, *values = reply
     if status.bytes == b"error":
-        kind, message_ = (v.bytes.decode(errors="replace") for v in values)
+        kind, message = (v.bytes.decode(errors="replace") for v in values)
         if kind == "PeerError":
-            raise PeerError(f"{endpoint} refused the request: {message_}")
-        raise RemoteError(kind, message_)
+            raise PeerError(f"{endpoint} refused the request: {message}")
+        raise RemoteError(kind, message)
     return values

@@ -44,6 +44,7 @@ from proxy_patterns.peer_records import (
     answer_renew,
     answer_table,
     ask,
+    ask_many,
 )
 from proxy_patterns.peers import PeerServer
 from proxy_patterns.records import WATCH_INTERVAL, ReferenceInvalidError, SharedMemoryRefTable
@@ -51,6 +52,8 @@ from proxy_patterns.shm import DEFAULT_DIRECTORY, SharedMemoryConnector, SharedM
 
 FETCH_CHUNK = 8 * 2**20
 """Bytes of an object asked for at a time when it is pulled from another host."""
+FETCH_WINDOW = 4
+"""Chunks asked for ahead of the one being written: the transfer of the next overlaps it."""
 _FETCH_LOCK = "proxy-patterns.fetching"
 """A store directory's lock file, held while a replica is fetched (no key: never counted)."""
 
@@ -135,21 +138,21 @@ class TopologyConnector(SharedMemoryConnector):
         """Pull the object into a replica on this host, in chunks of :data:`FETCH_CHUNK`
         bytes, each written into place as it comes: no buffer of the object's size is made
         (a fresh one costs a page fault per 4 KiB, as much as the transfer itself)."""
-        chunk = _ask_chunk(key, 0)
-        if chunk is None:
+        first = _ask_chunk(key, 0)
+        if first is None:
             return None
-        nbytes, data = chunk
+        nbytes, data = first
         tmp, fd = self.create_unpublished(nbytes)
         try:
-            offset = 0
-            while True:
-                offset += os.pwrite(fd, data, offset)
-                if offset >= nbytes:
-                    break
-                chunk = _ask_chunk(key, offset)
-                if chunk is None:
+            _write_at(fd, data, 0)
+            rest = (
+                _chunk_request(key, offset) for offset in range(len(data), nbytes, FETCH_CHUNK)
+            )
+            offset = len(data)
+            for found, _, chunk in ask_many(key, rest, FETCH_WINDOW):
+                if found.bytes != b"1":
                     return None  # evicted on its host meanwhile
-                data = chunk[1]
+                offset = _write_at(fd, chunk.buffer, offset)
             replica = _replica_key(key)
             table = SharedMemoryRefTable(self)
             # The record first: a segment found without one is taken for a stale one.
@@ -188,10 +191,22 @@ class TopologyConnector(SharedMemoryConnector):
         return {**super().config(), "address": self.address}
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset`` of ``fd``; return the offset after it."""
+    while data.nbytes:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+    return offset
+
+
+def _chunk_request(key: SharedMemoryKey, offset: int) -> tuple[bytes, ...]:
+    return (b"get", key.name.encode(), b"%d" % offset, b"%d" % FETCH_CHUNK)
+
+
 def _ask_chunk(key: SharedMemoryKey, offset: int) -> tuple[int, memoryview] | None:
     """The object's size and its bytes from ``offset`` (at most :data:`FETCH_CHUNK`), from
     its host; None if it is not there (evicted)."""
-    found, *data = ask(key, b"get", key.name.encode(), b"%d" % offset, b"%d" % FETCH_CHUNK)
+    found, *data = ask(key, *_chunk_request(key, offset))
     if found.bytes != b"1":
         return None
     nbytes, chunk = data
