@@ -328,18 +328,8 @@ def _reset_sdk_state() -> None:
 
 
 def process_pool_engine(workers: int = 2) -> ProcessPoolEngine:
-    """The endpoint's process-pool engine (not started).
-
-    Its workers are started by ``forkserver``, not forked from this process: a real endpoint
-    forks them from a process of its own, while here this one runs other threads (stores'
-    and tests'), and a child forked while one of them held a lock would wait for it forever.
-    """
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    # Imported once by the fork server, so that each worker starts as fast as a fork.
-    context.set_forkserver_preload(["numpy", "proxy_patterns.plugins.globus_compute"])
-    return ProcessPoolEngine(max_workers=workers, mp_context=context)
+    """The endpoint's process-pool engine (not started)."""
+    return ProcessPoolEngine(max_workers=workers)
 
 
 def htex_engine(workers: int = 2) -> GlobusComputeEngine:
