@@ -44,6 +44,7 @@ import shutil
 import stat
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -115,6 +116,16 @@ class _CreatedSegments:
         self._lock = threading.Lock()
         self._paths: set[str] = set()
         atexit.register(self.remove_all)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked child created none of these segments, and its copy of the lock may have
+        been taken by a thread of the parent, which the child does not have: its first put
+        would wait for ever (a process pool's worker forked while a watcher thread evicted)."""
+        self._lock = threading.Lock()
+        self._paths = set()
+        for connector in list(_connectors):
+            connector._after_fork()
 
     def add(self, path: str) -> None:
         with self._lock:
@@ -137,6 +148,8 @@ class _CreatedSegments:
 
 
 _created = _CreatedSegments()
+_connectors: weakref.WeakSet[SharedMemoryConnector] = weakref.WeakSet()
+"""Every connector of this process, whose locks a forked child renews."""
 _swept_directories: set[str] = set()
 
 
@@ -516,9 +529,15 @@ class SharedMemoryConnector:
         self._spares = _spares_of(directory)
         self._lock = threading.Lock()
         self._created: set[str] = set()
+        _connectors.add(self)
         if directory not in _swept_directories:
             _swept_directories.add(directory)
             remove_stale_segments(directory)
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :meth:`_CreatedSegments._after_fork`)."""
+        self._lock = threading.Lock()
+        self._created = set()
 
     def __repr__(self) -> str:
         owner = f", owner={self.owner!r}" if self.owner else ""
