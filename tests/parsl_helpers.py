@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import task_objects
-from parsl import python_app
+from parsl import HighThroughputExecutor, python_app
 from parsl.launchers.base import Launcher
+from parsl.providers import LocalProvider
 
 from proxy_patterns.proxy import is_proxy
 from proxy_patterns.simhosts import Host
@@ -174,3 +175,19 @@ class SimulatedHostsLauncher(Launcher):
         cwd = tempfile.gettempdir()  # no source tree there to shadow the installed package
         starts = [shlex.join(host.command(["bash", "-c", command], cwd)) for host in self.hosts]
         return "\n".join([*(f"{start} &" for start in starts), "wait"])
+
+
+def simulated_hosts_htex(hosts: Sequence[Host]) -> HighThroughputExecutor:
+    """An HTEX (not started) with one manager of one worker on each of ``hosts``."""
+    return HighThroughputExecutor(
+        label=HTEX,
+        address="127.0.0.1",
+        max_workers_per_node=1,
+        provider=LocalProvider(
+            nodes_per_block=len(hosts),
+            launcher=SimulatedHostsLauncher(hosts),
+            init_blocks=1,
+            min_blocks=1,
+            max_blocks=1,
+        ),
+    )

@@ -14,10 +14,9 @@ from pathlib import Path
 import parsl
 import pytest
 from distributed import Client
-from parsl import Config, HighThroughputExecutor
-from parsl.providers import LocalProvider
+from parsl import Config
 
-from parsl_helpers import HTEX, SimulatedHostsLauncher, meet
+from parsl_helpers import meet, simulated_hosts_htex
 from proxy_patterns.bench.cluster import simulated_dask_cluster
 from proxy_patterns.simhosts import Host, SimulatedHost, namespaces_available, simulated_hosts
 
@@ -102,18 +101,7 @@ def test_a_dask_cluster_runs_a_worker_on_each_host(hosts: list[Host]) -> None:
 
 
 def test_parsl_htex_runs_a_manager_on_each_host(hosts: list[Host], tmp_path: Path) -> None:
-    htex = HighThroughputExecutor(
-        label=HTEX,
-        address="127.0.0.1",
-        max_workers_per_node=1,
-        provider=LocalProvider(
-            nodes_per_block=len(hosts),
-            launcher=SimulatedHostsLauncher(hosts),
-            init_blocks=1,
-            min_blocks=1,
-            max_blocks=1,
-        ),
-    )
+    htex = simulated_hosts_htex(hosts)
     dfk = parsl.load(Config(executors=[htex], run_dir=str(tmp_path / "runinfo")))
     try:
         with socket.create_server(("127.0.0.1", 0)) as server:

@@ -21,10 +21,9 @@ import parsl
 import pytest
 import task_objects
 from distributed import Client
-from parsl import Config, HighThroughputExecutor
-from parsl.providers import LocalProvider
+from parsl import Config
 
-from parsl_helpers import HTEX, SimulatedHostsLauncher, fingerprint_app, make_app
+from parsl_helpers import fingerprint_app, make_app, simulated_hosts_htex
 from proxy_patterns import get_store, key_of, proxy
 from proxy_patterns.bench.cluster import SchedulerProbe, simulated_dask_cluster
 from proxy_patterns.futures import ProxyFuture
@@ -383,18 +382,7 @@ def test_parsl_across_hosts(hosts: list[Host], topology_dir: str, tmp_path: Path
     crossing to the other host at most once, everything freed on both hosts."""
     _, b = hosts
     spec = f"topology://{topology_dir}"
-    htex = HighThroughputExecutor(
-        label=HTEX,
-        address="127.0.0.1",
-        max_workers_per_node=1,
-        provider=LocalProvider(
-            nodes_per_block=len(hosts),
-            launcher=SimulatedHostsLauncher(hosts),
-            init_blocks=1,
-            min_blocks=1,
-            max_blocks=1,
-        ),
-    )
+    htex = simulated_hosts_htex(hosts)
     config = Config(
         executors=[proxied(htex, threshold="1 MiB", store=spec)],
         run_dir=str(tmp_path / "runinfo"),
